@@ -1,0 +1,155 @@
+"""The lookalike command: thin click wrappers over indexer and search."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+DB_HELP = "Database file [default: $LOOKALIKE_DB or the user data dir's lookalike/lookalike.db]."
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from indexer import BackboneError, RecipeMismatch, RootNotFound, StoreError
+
+    return (BackboneError, RecipeMismatch, RootNotFound, StoreError, ValueError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.version_option(package_name="lookalike")
+def main(verbose: int) -> None:
+    """Image similarity search: index folders of images, then ask which ones look alike."""
+    logging.basicConfig(level=logging.WARNING, format="lookalike: %(message)s", stream=sys.stderr)
+    level = logging.WARNING - 10 * min(verbose, 2)
+    for name in ("indexer", "search"):
+        logging.getLogger(name).setLevel(level)
+
+
+@main.command()
+@click.argument("roots", nargs=-1, required=True, type=click.Path())
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--model", help="Backbone: efficientnet_lite0 (default, offline) or resnet50.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file for the backbone.")
+@click.option("--layer", help="Stage whose activations are pooled [default: the last].")
+@click.option("--pooling", type=click.Choice(["gem", "mac", "spoc", "rmac"]), help="Pooling [default: gem].")
+@click.option("--gem-p", type=click.FloatRange(min=1.0, max=100.0), help="GeM exponent [default: 3].")
+@click.option("--image-size", type=click.IntRange(32, 4096), help="Longest side fed to the model [default: 448].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--retry-failed", is_flag=True, help="Try again the files that failed before.")
+def index(roots, db, model, weights, layer, pooling, gem_p, image_size, batch_size, workers,
+          device, hidden, retry_failed) -> None:
+    """Index the images under ROOT... (again: only what changed)."""
+    from indexer import Indexer
+
+    try:
+        indexer = Indexer(db, model=model, weights=weights, layer=layer, pooling=pooling,
+                          gem_p=gem_p, image_size=image_size, device=device, batch_size=batch_size,
+                          workers=workers, include_hidden=hidden, retry_failed=retry_failed)
+        bar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = click.progressbar(length=total, label="embedding", file=sys.stderr)
+                bar.__enter__()
+            bar.update(done - bar.pos)
+
+        try:
+            summary = indexer.index(roots, progress=progress)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    for path, reason in summary.failures:
+        click.echo(f"failed: {path}: {reason}", err=True)
+    click.echo(summary.line(), err=True)
+
+
+def _query_paths(images: tuple[str, ...]):
+    from indexer.scan import image_extensions, scan
+
+    exts = image_extensions()
+    for item in images:
+        if item == "-":
+            for line in sys.stdin:
+                if line.strip():
+                    yield line.rstrip("\n")
+        elif os.path.isdir(item):
+            for f in scan([item], extensions=exts):
+                yield f.path
+        else:
+            yield item
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("-k", "--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Results per query.")
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query and line.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
+def query(images, k, db, as_json, device, weights) -> None:
+    """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin)."""
+    from indexer import DecodeError
+    from search import Searcher
+
+    failures = 0
+    try:
+        with Searcher(db, device=device, weights=weights) as searcher:
+            for path in _query_paths(images):
+                try:
+                    matches = searcher.search(path, k=k)
+                except DecodeError as exc:
+                    failures += 1
+                    click.echo(f"Error: {path}: {exc}", err=True)
+                    continue
+                if as_json:
+                    click.echo(json.dumps({"query": path, "results": [m.to_dict() for m in matches]}))
+                else:
+                    click.echo(path)
+                    for rank, m in enumerate(matches, 1):
+                        click.echo(f"  {rank:>3}  {m.score:.4f}  {m.path}")
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    if failures:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print as one JSON object.")
+def info(db, as_json) -> None:
+    """Show the recipe, counts, failed files and sizes on disk of a database."""
+    from indexer.info import describe
+
+    try:
+        data = describe(db)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"database   {data['database']}")
+    for key, value in (data["recipe"] or {}).items():
+        click.echo(f"{key:<10} {value}")
+    c = data["counts"]
+    click.echo(f"images     {c['ok']} indexed, {c['failed']} failed")
+    for name, size in data["sizes"].items():
+        click.echo(f"{name:<10} {size / 1e6:.1f} MB")
+    for f in data["failures"]:
+        click.echo(f"failed     {f['path']}: {f['reason']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Turn batches of pixels into descriptors, on CUDA with torch or on the CPU with ONNX Runtime."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import resolve_weights
+from .network import build_trunk
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. Resolved once, at the edge."""
+    device = (device or "auto").lower()
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cpu":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda" if device == "auto" else device
+    if device == "auto":
+        return "cpu"
+    raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+
+
+def cache_dir() -> Path:
+    """Where exported ONNX graphs are kept ($LOOKALIKE_CACHE or the user cache dir)."""
+    env = os.environ.get("LOOKALIKE_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lookalike"))
+
+
+class Encoder:
+    """Descriptors for batches of equally sized uint8 RGB images (N x H x W x 3).
+
+    Thread-safe: one instance can serve many threads.
+    """
+
+    def __init__(self, recipe: Recipe, weights_file: str | os.PathLike | None = None,
+                 device: str = "cpu"):
+        import torch
+
+        from .pooling import Pool
+
+        path, sha = resolve_weights(recipe.model, weights_file)
+        if sha != recipe.weights_sha256:
+            raise_mismatch(recipe, sha)
+        self.recipe, self.device = recipe, device
+        self._pool = Pool(recipe.pooling, recipe.gem_p or 3.0)
+        self._lock = threading.Lock()
+        self._session = None
+        self._net = None
+        if device == "cpu":
+            try:
+                self._session = _onnx_session(recipe, path)
+            except Exception as exc:  # noqa: BLE001 - fall back to torch, which always works
+                log.warning("ONNX Runtime unavailable (%s); using PyTorch on the CPU", exc)
+        if self._session is None:
+            net = build_trunk(recipe.model, recipe.layer, path)
+            if device.startswith("cuda"):
+                net = net.to(device, memory_format=torch.channels_last)
+            self._net = net
+        self.engine = "onnxruntime" if self._session is not None else f"torch-{device}"
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 N x dim, L2-normalised, for uint8 pixels N x H x W x 3."""
+        import torch
+
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+        if self._session is not None:
+            fmap = torch.from_numpy(self._session.run(None, {"pixels": x})[0])
+        else:
+            t = torch.from_numpy(x)
+            with torch.inference_mode():
+                if self.device.startswith("cuda"):
+                    t = t.pin_memory().to(self.device, non_blocking=True)
+                    t = t.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        fmap = self._net(t)
+                else:
+                    with self._lock:  # torch CPU modules share scratch state between calls
+                        fmap = self._net(t)
+        with torch.inference_mode():
+            return self._pool(fmap).float().cpu().numpy()
+
+
+def raise_mismatch(recipe: Recipe, sha: str) -> None:
+    from .recipe import RecipeMismatch
+
+    raise RecipeMismatch(
+        f"the {recipe.model} weights found here (sha256 {sha[:12]}) are not the ones the index "
+        f"was built with ({recipe.weights_sha256[:12]}); pass the original file with --weights"
+    )
+
+
+def _onnx_session(recipe: Recipe, weights_file: Path):
+    import onnxruntime as ort
+
+    path = cache_dir() / f"{recipe.model}-{recipe.layer}-{recipe.weights_sha256[:16]}-op{ONNX_OPSET}.onnx"
+    if not path.exists():
+        _export(recipe, weights_file, path)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _export(recipe: Recipe, weights_file: Path, path: Path) -> None:
+    """Export the trunk once to ONNX, check it against torch, then move it into place."""
+    import onnxruntime as ort
+    import torch
+
+    log.info("exporting %s/%s to ONNX at %s", recipe.model, recipe.layer, path)
+    net = build_trunk(recipe.model, recipe.layer, weights_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sample = torch.rand(1, 3, 96, 128) * 255
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net, (sample,), str(tmp), input_names=["pixels"], output_names=["features"],
+                dynamic_axes={"pixels": {0: "n", 2: "h", 3: "w"}, "features": {0: "n", 2: "fh", 3: "fw"}},
+                opset_version=ONNX_OPSET, dynamo=False,
+            )
+        check = torch.rand(2, 3, 160, 120) * 255
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"pixels": check.numpy()})[0]
+        with torch.inference_mode():
+            want = net(check).numpy()
+        err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-12))
+        if err > 1e-3:
+            raise RuntimeError(f"exported graph disagrees with torch (relative error {err:.2g})")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,99 @@
+"""Decode files in worker processes and embed them in batches of equally sized images."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, open_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """The outcome for one input file: a descriptor, or the reason it failed."""
+
+    index: int
+    vector: np.ndarray | None
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+class _Files:
+    """A map-style dataset of decoded files; decode failures are returned, not raised."""
+
+    def __init__(self, paths: Sequence[str], longest: int, max_pixels: int):
+        self.paths, self.longest, self.max_pixels = paths, longest, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        try:
+            d = open_image(self.paths[i], self.longest, self.max_pixels)
+        except DecodeError as exc:
+            return i, None, 0, 0, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
+            return i, None, 0, 0, f"{type(exc).__name__}: {exc}"
+        # A tensor travels from the worker through shared memory, not a pickle.
+        return i, torch.from_numpy(d.pixels), d.width, d.height, None
+
+
+def _identity(item):
+    return item
+
+
+def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[list[Result]]:
+    """Yield lists of Results, in batches, until every path has one.
+
+    Images are grouped by their resized shape and a model batch only ever
+    holds images of one shape: no padding, so a descriptor does not depend on
+    which other images share its batch.
+    """
+    from torch.utils.data import DataLoader
+
+    dataset = _Files(paths, encoder.recipe.image_size, max_pixels)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                        collate_fn=_identity, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    buckets: dict[tuple[int, int], list] = {}
+    buffered = 0
+    # Bound memory when many shapes are pending: flush the largest bucket.
+    limit = max(4 * batch_size, 64)
+
+    def flush(shape) -> list[Result]:
+        nonlocal buffered
+        items = buckets.pop(shape)
+        buffered -= len(items)
+        vecs = encoder.embed(np.stack([px.numpy() for _, px, _, _ in items]))
+        return [Result(i, v, w, h) for (i, _, w, h), v in zip(items, vecs)]
+
+    failed: list[Result] = []
+    for i, px, w, h, err in loader:
+        if err is not None:
+            failed.append(Result(i, None, error=err))
+            if len(failed) >= batch_size:
+                yield failed
+                failed = []
+            continue
+        shape = tuple(px.shape[:2])
+        buckets.setdefault(shape, []).append((i, px, w, h))
+        buffered += 1
+        if len(buckets[shape]) >= batch_size:
+            yield flush(shape) + failed
+            failed = []
+        elif buffered >= limit:
+            yield flush(max(buckets, key=lambda s: len(buckets[s]))) + failed
+            failed = []
+    for shape in list(buckets):
+        yield flush(shape) + failed
+        failed = []
+    if failed:
+        yield failed

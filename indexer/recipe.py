@@ -1,0 +1,77 @@
+"""The recipe: everything that decides what a descriptor means.
+
+It is saved with the index; descriptors made with another recipe are not
+comparable, so a mismatch is refused rather than silently mixed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+
+class RecipeMismatch(Exception):
+    """The database was built with another recipe than the one asked for."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How descriptors are made: backbone, layer, pooling and preprocessing."""
+
+    model: str
+    weights_sha256: str
+    layer: str
+    pooling: str
+    gem_p: float
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        data = json.loads(text)
+        data["mean"] = tuple(data["mean"])
+        data["std"] = tuple(data["std"])
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    def differences(self, other: "Recipe") -> list[str]:
+        """Human-readable list of fields where ``other`` differs from ``self``."""
+        out = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                if f.name == "weights_sha256":
+                    mine, theirs = str(mine)[:12], str(theirs)[:12]
+                out.append(f"{f.name}: index has {mine}, asked for {theirs}")
+        return out
+
+    def require_same(self, other: "Recipe", db: str) -> None:
+        """Raise RecipeMismatch naming every differing field."""
+        diff = self.differences(other)
+        if diff:
+            raise RecipeMismatch(
+                f"{db} was built with another recipe ({'; '.join(diff)}); "
+                "use the same options or a new --db"
+            )
+
+
+POOLINGS = ("gem", "mac", "spoc", "rmac")
+
+
+def make_recipe(model: str, *, layer: str | None = None, pooling: str = "gem", gem_p: float = 3.0,
+                image_size: int = 448, weights_sha256: str) -> Recipe:
+    """A complete recipe from the user's choices and the spec of the model."""
+    from .backbone import check_layer, get_spec
+
+    spec = get_spec(model)
+    layer = check_layer(spec, layer)
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if not 32 <= image_size <= 4096:
+        raise ValueError(f"image size {image_size} out of range 32..4096")
+    return Recipe(model=spec.name, weights_sha256=weights_sha256, layer=layer, pooling=pooling,
+                  gem_p=float(gem_p) if pooling == "gem" else 0.0, image_size=int(image_size),
+                  mean=spec.mean, std=spec.std, dim=spec.layers[layer])

@@ -1,0 +1,204 @@
+"""The SQLite database: the single source of truth, embeddings included."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine,
+                        event, select, func)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+OK, FAILED = "ok", "failed"
+
+
+class StoreError(Exception):
+    """The database cannot be used; str() says why."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True, nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+
+
+class Setting(Base):
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def default_db_path() -> Path:
+    """$LOOKALIKE_DB, else lookalike.db in the user's data directory."""
+    env = os.environ.get("LOOKALIKE_DB")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("lookalike")) / "lookalike.db"
+
+
+def _alembic_config(connection):
+    from alembic.config import Config
+
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def migrate(engine, db: str) -> None:
+    """Bring the schema to head in-process; refuse a schema newer than this code."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.begin() as conn:
+        cfg = _alembic_config(conn)
+        script = ScriptDirectory.from_config(cfg)
+        current = MigrationContext.configure(conn).get_current_heads()
+        known = {rev.revision for rev in script.walk_revisions()}
+        unknown = [rev for rev in current if rev not in known]
+        if unknown:
+            raise StoreError(
+                f"{db}: schema revision {unknown[0]} is newer than this lookalike; upgrade lookalike"
+            )
+        if set(current) != set(script.get_heads()):
+            log.info("migrating %s from %s to %s", db, current or "empty", script.get_heads())
+            command.upgrade(cfg, "head")
+
+
+class Store:
+    """Open (creating or upgrading) a lookalike database."""
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True):
+        self.path = Path(path).expanduser().absolute()
+        if not self.path.exists():
+            if not create:
+                raise StoreError(f"{self.path}: no such database; run 'lookalike index' first")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot create folder: {exc.strerror}") from None
+        elif self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, not a database file")
+        self.engine = create_engine(f"sqlite:///{self.path}")
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            migrate(self.engine, str(self.path))
+        except StoreError:
+            self.engine.dispose()
+            raise
+        except Exception as exc:  # noqa: BLE001 - sqlite3.DatabaseError and friends
+            self.engine.dispose()
+            msg = str(getattr(exc, "orig", exc)).splitlines()[0]
+            raise StoreError(f"{self.path}: not a usable lookalike database ({msg})") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # -- settings ---------------------------------------------------------
+    def get_setting(self, session: Session, key: str) -> str | None:
+        row = session.get(Setting, key)
+        return row.value if row else None
+
+    def set_setting(self, session: Session, key: str, value: str) -> None:
+        row = session.get(Setting, key)
+        if row:
+            row.value = value
+        else:
+            session.add(Setting(key=key, value=value))
+
+    def recipe(self) -> Recipe | None:
+        with self.session() as s:
+            text = self.get_setting(s, "recipe")
+        return Recipe.from_json(text) if text else None
+
+    def generation(self, session: Session | None = None) -> int:
+        """A counter bumped by every commit that changes the embeddings."""
+        if session is None:
+            with self.session() as s:
+                return self.generation(s)
+        return int(self.get_setting(session, "generation") or 0)
+
+    def bump_generation(self, session: Session) -> None:
+        self.set_setting(session, "generation", str(self.generation(session) + 1))
+
+    # -- reading ----------------------------------------------------------
+    def embeddings(self, batch: int = 65536):
+        """Yield (ids int64 array, vectors float32 N x dim) for every indexed image."""
+        with self.session() as s:
+            last = 0
+            while True:
+                rows = s.execute(
+                    select(ImageRow.id, ImageRow.embedding)
+                    .where(ImageRow.status == OK, ImageRow.id > last)
+                    .order_by(ImageRow.id).limit(batch)
+                ).all()
+                if not rows:
+                    return
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+                last = int(ids[-1])
+                yield ids, vecs
+
+    def count(self, status: str | None = None) -> int:
+        with self.session() as s:
+            q = select(func.count(ImageRow.id))
+            if status:
+                q = q.where(ImageRow.status == status)
+            return int(s.execute(q).scalar_one())
+
+    def rows_by_id(self, ids) -> dict[int, ImageRow]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        with self.session() as s:
+            rows = s.execute(select(ImageRow).where(ImageRow.id.in_(ids))).scalars().all()
+        return {r.id: r for r in rows}
+
+    def failures(self) -> list[tuple[str, str]]:
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(
+                select(ImageRow.path, ImageRow.error).where(ImageRow.status == FAILED)
+                .order_by(ImageRow.path)).all()]
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers (queries) never block the indexer, and a killed writer
+    # loses only its uncommitted transaction.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

@@ -1,0 +1,306 @@
+"""Bring the index in line with folders on disk: mark what changed, embed only that, sweep the rest."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from sqlalchemy import delete, select
+
+from . import vectors
+from .decode import DEFAULT_MAX_PIXELS
+from .recipe import Recipe
+from .scan import FileStat, file_sha256, resolve_root, scan
+from .store import FAILED, OK, ImageRow, Store, default_db_path, now
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Summary:
+    """What one index run did. Every scanned file is counted once, in exactly one of
+    added, updated, moved, unchanged or failed; removed counts rows swept away."""
+
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    embedded: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"{self.added} added, {self.updated} updated, {self.moved} moved, "
+                f"{self.removed} removed, {self.unchanged} unchanged, {self.failed} failed "
+                f"({self.embedded} embedded in {self.seconds:.1f}s)")
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+class Indexer:
+    """Index image folders into a lookalike database.
+
+    Options left as None take the value stored in an existing database, or the
+    default for a new one; an option that contradicts the stored recipe is
+    refused with RecipeMismatch.
+    """
+
+    def __init__(self, db: str | os.PathLike | None = None, *, model: str | None = None,
+                 weights: str | os.PathLike | None = None, layer: str | None = None,
+                 pooling: str | None = None, gem_p: float | None = None,
+                 image_size: int | None = None, device: str = "auto", batch_size: int = 32,
+                 workers: int | None = None, include_hidden: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False):
+        self.db = Path(db).expanduser() if db else default_db_path()
+        self.options = dict(model=model, layer=layer, pooling=pooling, gem_p=gem_p,
+                            image_size=image_size)
+        self.weights = weights
+        self.device = device
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
+        if self.workers < 0:
+            raise ValueError("workers must be 0 or more")
+        self.include_hidden = include_hidden
+        self.max_pixels = max_pixels
+        self.retry_failed = retry_failed
+
+    # -- recipe -----------------------------------------------------------
+    def _recipe(self, store: Store) -> Recipe:
+        from .backbone import DEFAULT_MODEL, get_spec, resolve_weights
+        from .recipe import make_recipe
+
+        o = self.options
+        stored = store.recipe()
+        if stored is None:
+            model = o["model"] or DEFAULT_MODEL
+            _, sha = resolve_weights(model, self.weights)
+            return make_recipe(model, layer=o["layer"], pooling=o["pooling"] or "gem",
+                               gem_p=o["gem_p"] or 3.0, image_size=o["image_size"] or 448,
+                               weights_sha256=sha)
+        model = o["model"] or stored.model
+        same_model = get_spec(model).name == stored.model
+        pooling = o["pooling"] or stored.pooling
+        asked = make_recipe(
+            model,
+            layer=o["layer"] or (stored.layer if same_model else None),
+            pooling=pooling,
+            gem_p=o["gem_p"] or (stored.gem_p if pooling == stored.pooling and stored.gem_p else 3.0),
+            image_size=o["image_size"] or stored.image_size,
+            weights_sha256=resolve_weights(model, self.weights)[1] if self.weights else stored.weights_sha256,
+        )
+        stored.require_same(asked, str(store.path))
+        return stored
+
+    # -- the run ----------------------------------------------------------
+    def index(self, roots: Iterable[str | os.PathLike], progress: Progress | None = None) -> Summary:
+        """Scan ``roots`` and bring the database and the FAISS index in line with them."""
+        start = time.perf_counter()
+        roots = [resolve_root(r) for r in roots]
+        if not roots:
+            raise ValueError("no folder to index")
+        store = Store(self.db)
+        try:
+            summary = self._index(store, roots, progress)
+        finally:
+            store.close()
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _index(self, store: Store, roots: list[str], progress: Progress | None) -> Summary:
+        recipe = self._recipe(store)
+        with store.session() as s:
+            if store.get_setting(s, "recipe") is None:
+                store.set_setting(s, "recipe", recipe.to_json())
+                s.commit()
+        summary = Summary()
+        files = {f.path: f for f in scan(roots, include_hidden=self.include_hidden)}
+        with store.session() as s:
+            rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
+                                    ImageRow.sha256, ImageRow.status)).all()
+        by_path = {r.path: r for r in rows}
+        missing = {r.path: r for r in rows if _under(r.path, roots) and r.path not in files}
+        candidates: list[FileStat] = []
+        for path, f in files.items():
+            row = by_path.get(path)
+            if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns and not (
+                    self.retry_failed and row.status == FAILED):
+                if row.status == FAILED:
+                    summary.failed += 1
+                else:
+                    summary.unchanged += 1
+            else:
+                candidates.append(f)
+        if not candidates and not missing:
+            return summary
+
+        hashes, unreadable = self._hash(candidates)
+        ok_by_sha: dict[str, int] = {}
+        with store.session() as s:
+            for sha in {h for h in hashes.values() if h}:
+                hit = s.execute(select(ImageRow.id).where(ImageRow.sha256 == sha,
+                                                          ImageRow.status == OK).limit(1)).first()
+                if hit:
+                    ok_by_sha[sha] = hit[0]
+        missing_by_sha: dict[str, list] = {}
+        for row in missing.values():
+            if row.sha256:
+                missing_by_sha.setdefault(row.sha256, []).append(row)
+
+        index = vectors.load(store, recipe.dim)
+        generation = store.generation()
+        to_embed: list[FileStat] = []
+        with store.session() as s:
+            changed_vectors = False
+            for f in candidates:
+                if f.path in unreadable:
+                    reason = unreadable[f.path]
+                    log.warning("%s: %s", f.path, reason)
+                    summary.failures.append((f.path, reason))
+                    summary.failed += 1
+                    self._fail(s, by_path.get(f.path), f, None, reason, index)
+                    continue
+                sha = hashes[f.path]
+                row = by_path.get(f.path)
+                if row is not None and row.sha256 == sha and row.status == OK:
+                    db_row = s.get(ImageRow, row.id)
+                    db_row.size, db_row.mtime_ns = f.size, f.mtime_ns
+                    summary.unchanged += 1
+                elif row is None and missing_by_sha.get(sha):
+                    old = missing_by_sha[sha].pop()
+                    del missing[old.path]
+                    db_row = s.get(ImageRow, old.id)
+                    db_row.path, db_row.size, db_row.mtime_ns = f.path, f.size, f.mtime_ns
+                    if db_row.status == FAILED:
+                        summary.failed += 1
+                    else:
+                        summary.moved += 1
+                elif sha in ok_by_sha and (row is None or row.id != ok_by_sha[sha]):
+                    # Same bytes as an indexed image: same descriptor, no need to embed.
+                    src = s.get(ImageRow, ok_by_sha[sha])
+                    vec = np.frombuffer(src.embedding, dtype=np.float32)[None]
+                    target = self._upsert(s, row, f, sha, OK, None, src.embedding, src.width, src.height)
+                    s.flush()
+                    if row is not None:
+                        vectors.remove(index, [target.id])
+                    index.add_with_ids(vec, np.array([target.id], dtype=np.int64))
+                    changed_vectors = True
+                    if row is None:
+                        summary.added += 1
+                    else:
+                        summary.updated += 1
+                else:
+                    to_embed.append(f)
+            if missing:
+                ids = [r.id for r in missing.values()]
+                for chunk in range(0, len(ids), 500):
+                    s.execute(delete(ImageRow).where(ImageRow.id.in_(ids[chunk:chunk + 500])))
+                vectors.remove(index, ids)
+                summary.removed += len(ids)
+                changed_vectors = True
+            if changed_vectors or summary.failures:
+                store.bump_generation(s)
+            s.commit()
+            generation = store.generation(s)
+
+        if to_embed:
+            generation = self._embed(store, recipe, to_embed, by_path, hashes, index, summary, progress)
+        vectors.save(store, index, generation)
+        return summary
+
+    def _hash(self, files: list[FileStat]) -> tuple[dict[str, str], dict[str, str]]:
+        """Content hashes of ``files`` (threads: hashlib releases the GIL), and reasons for the unreadable."""
+        def one(f: FileStat):
+            try:
+                return f.path, file_sha256(f.path), None
+            except OSError as exc:
+                return f.path, None, f"cannot read: {exc.strerror or exc}"
+
+        hashes, unreadable = {}, {}
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+            for path, sha, reason in pool.map(one, files):
+                if reason:
+                    unreadable[path] = reason
+                else:
+                    hashes[path] = sha
+        return hashes, unreadable
+
+    def _upsert(self, s, row, f: FileStat, sha, status, error, embedding, width, height) -> ImageRow:
+        if row is None:
+            db_row = ImageRow(path=f.path)
+            s.add(db_row)
+        else:
+            db_row = s.get(ImageRow, row.id)
+        db_row.size, db_row.mtime_ns, db_row.sha256 = f.size, f.mtime_ns, sha
+        db_row.status, db_row.error, db_row.embedding = status, error, embedding
+        db_row.width, db_row.height, db_row.indexed_at = width, height, now()
+        return db_row
+
+    def _fail(self, s, row, f: FileStat, sha, reason: str, index) -> None:
+        db_row = self._upsert(s, row, f, sha, FAILED, reason, None, None, None)
+        if row is not None and row.status == OK:
+            vectors.remove(index, [db_row.id])
+
+    def _embed(self, store: Store, recipe: Recipe, files: list[FileStat], by_path, hashes, index,
+               summary: Summary, progress: Progress | None) -> int:
+        from .encoder import Encoder, resolve_device
+        from .pipeline import embed_files
+
+        device = resolve_device(self.device)
+        encoder = Encoder(recipe, self.weights, device)
+        log.info("embedding %d files with %s", len(files), encoder.engine)
+        done = 0
+        if progress:
+            progress(0, len(files))
+        generation = store.generation()
+        for results in embed_files([f.path for f in files], encoder, batch_size=self.batch_size,
+                                   workers=min(self.workers, len(files)), max_pixels=self.max_pixels):
+            with store.session() as s:
+                new_ids, new_vecs, replaced = [], [], []
+                for r in results:
+                    f = files[r.index]
+                    row = by_path.get(f.path)
+                    if r.vector is None:
+                        log.warning("%s: %s", f.path, r.error)
+                        summary.failures.append((f.path, r.error))
+                        summary.failed += 1
+                        self._fail(s, row, f, hashes[f.path], r.error, index)
+                        continue
+                    vec = np.ascontiguousarray(r.vector, dtype=np.float32)
+                    db_row = self._upsert(s, row, f, hashes[f.path], OK, None, vec.tobytes(),
+                                          r.width, r.height)
+                    s.flush()
+                    if row is not None:
+                        replaced.append(db_row.id)
+                        summary.updated += 1
+                    else:
+                        summary.added += 1
+                    new_ids.append(db_row.id)
+                    new_vecs.append(vec)
+                    summary.embedded += 1
+                store.bump_generation(s)
+                s.commit()
+                generation = store.generation(s)
+            vectors.remove(index, replaced)
+            if new_ids:
+                index.add_with_ids(np.stack(new_vecs), np.array(new_ids, dtype=np.int64))
+            done += len(results)
+            if progress:
+                progress(done, len(files))
+        return generation

@@ -1,0 +1,105 @@
+"""The FAISS index: derived from the database, kept next to it, rebuilt when they disagree."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def index_path(db: Path) -> Path:
+    return db.with_name(db.name + ".faiss")
+
+
+def _meta_path(db: Path) -> Path:
+    return db.with_name(db.name + ".faiss.json")
+
+
+def new_index(dim: int):
+    """Exact inner-product search (cosine on L2-normalised vectors), ids = database ids."""
+    import faiss
+
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def rebuild(store: Store, dim: int):
+    index = new_index(dim)
+    for ids, vecs in store.embeddings():
+        index.add_with_ids(vecs, ids)
+    return index
+
+
+def load(store: Store, dim: int):
+    """The FAISS index for ``store``, read from disk if it matches the database, else rebuilt.
+
+    A match means: the same embedding generation, the same dimension and the
+    same number of vectors as the database holds.
+    """
+    import faiss
+
+    path, meta_path = index_path(store.path), _meta_path(store.path)
+    generation = store.generation()
+    count = store.count("ok")
+    why = None
+    if not path.exists():
+        why = "no FAISS index on disk" if count else None
+    else:
+        try:
+            meta = json.loads(meta_path.read_text())
+            index = faiss.read_index(str(path))
+            if meta.get("generation") != generation:
+                why = f"it is at generation {meta.get('generation')}, the database at {generation}"
+            elif index.d != dim or index.ntotal != count:
+                why = f"it holds {index.ntotal} vectors of {index.d} dims, the database {count} of {dim}"
+            else:
+                return index
+        except Exception as exc:  # noqa: BLE001 - unreadable or partial file: rebuild it
+            why = f"it could not be read ({exc})"
+    if why:
+        log.warning("rebuilding the FAISS index from the database: %s", why)
+    index = rebuild(store, dim)
+    save(store, index, generation)
+    return index
+
+
+def save(store: Store, index, generation: int) -> None:
+    """Write the index and its generation atomically (temp file, then rename)."""
+    import faiss
+
+    path, meta_path = index_path(store.path), _meta_path(store.path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Written second: a crash in between leaves an old generation, which
+    # only costs a rebuild on the next open.
+    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"generation": generation, "count": int(index.ntotal), "dim": int(index.d)}))
+    os.replace(tmp, meta_path)
+
+
+def to_device(index, device: str):
+    """A GPU copy of ``index`` when ``device`` is CUDA and FAISS sees a GPU; else ``index``."""
+    import faiss
+
+    if not device.startswith("cuda") or not hasattr(faiss, "get_num_gpus") or not faiss.get_num_gpus():
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except Exception as exc:  # noqa: BLE001 - fall back to CPU search, which is exact too
+        log.warning("FAISS could not move the index to the GPU (%s); searching on the CPU", exc)
+        return index
+
+
+def remove(index, ids) -> None:
+    ids = np.asarray(list(ids), dtype=np.int64)
+    if len(ids):
+        index.remove_ids(ids)

@@ -1,0 +1,1 @@
+"""Alembic migrations for the lookalike database; applied in-process by indexer.store."""

@@ -1,0 +1,130 @@
+"""Find the indexed images nearest to a query image."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+
+from indexer import vectors
+from indexer.decode import DEFAULT_MAX_PIXELS, open_image
+from indexer.store import Store, default_db_path
+
+log = logging.getLogger(__name__)
+
+Query = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class Match:
+    """One search result: the image's database id, absolute path, cosine similarity and size."""
+
+    id: int
+    path: str
+    score: float
+    width: int
+    height: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "score": self.score, "id": self.id,
+                "width": self.width, "height": self.height}
+
+
+class Searcher:
+    """Query a lookalike database. Loads the model once; safe to share between threads.
+
+    A query is an image path, a PIL image, an H x W x 3 uint8 array, or a
+    descriptor (a 1-D float array of the index's dimension).
+    """
+
+    def __init__(self, db: str | os.PathLike | None = None, *, device: str = "auto",
+                 weights: str | os.PathLike | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        from indexer.encoder import resolve_device
+
+        self.store = Store(Path(db).expanduser() if db else default_db_path(), create=False)
+        try:
+            recipe = self.store.recipe()
+            if recipe is None:
+                raise vectors_error(self.store.path)
+            self.recipe = recipe
+            self.device = resolve_device(device)
+            self.index = vectors.to_device(vectors.load(self.store, recipe.dim), self.device)
+        except Exception:
+            self.store.close()
+            raise
+        self.weights, self.max_pixels = weights, max_pixels
+        self._encoder = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def encoder(self):
+        """The model, loaded on first use (a query by descriptor never needs it)."""
+        with self._lock:
+            if self._encoder is None:
+                from indexer.encoder import Encoder
+
+                self._encoder = Encoder(self.recipe, self.weights, self.device)
+            return self._encoder
+
+    def embed(self, query: Query) -> np.ndarray:
+        """The descriptor of ``query`` (float32, L2-normalised)."""
+        if isinstance(query, np.ndarray) and query.ndim == 1:
+            if query.shape[0] != self.recipe.dim:
+                raise ValueError(f"descriptor has {query.shape[0]} dims, the index {self.recipe.dim}")
+            vec = query.astype(np.float32)
+            return vec / max(float(np.linalg.norm(vec)), 1e-12)
+        if isinstance(query, np.ndarray):
+            from PIL import Image
+
+            if query.ndim != 3 or query.shape[2] != 3:
+                raise ValueError(f"an image array must be H x W x 3, not {query.shape}")
+            query = Image.fromarray(np.ascontiguousarray(query, dtype=np.uint8), "RGB")
+        decoded = open_image(query, self.recipe.image_size, self.max_pixels)
+        return self.encoder.embed(decoded.pixels)[0]
+
+    def search(self, query: Query, k: int = 10) -> list[Match]:
+        """The ``k`` indexed images most similar to ``query``, best first."""
+        return self.search_vectors(self.embed(query)[None], k)[0]
+
+    def search_vectors(self, vecs: np.ndarray, k: int = 10) -> list[list[Match]]:
+        """Nearest neighbours for each row of ``vecs`` (N x dim)."""
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        k = min(k, len(self))
+        if k == 0:
+            return [[] for _ in vecs]
+        scores, ids = self.index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
+        rows = self.store.rows_by_id(i for i in ids.ravel() if i >= 0)
+        out = []
+        for srow, irow in zip(scores, ids):
+            out.append([Match(int(i), rows[int(i)].path, min(1.0, max(-1.0, float(sc))), rows[int(i)].width or 0,
+                              rows[int(i)].height or 0)
+                        for sc, i in zip(srow, irow) if i >= 0 and int(i) in rows])
+        return out
+
+    def search_many(self, queries: Iterable[Query], k: int = 10) -> Iterable[list[Match]]:
+        """Search each query in turn; yields one result list per query."""
+        for q in queries:
+            yield self.search(q, k)
+
+
+def vectors_error(path: Path) -> Exception:
+    from indexer.store import StoreError
+
+    return StoreError(f"{path}: the database holds no index yet; run 'lookalike index' first")
