@@ -84,6 +84,7 @@ def default_weights_file(model: str) -> Path:
     if not cached.exists():
         log.info("downloading ResNet-50 weights to %s", cached)
         try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(RESNET50_URL, str(cached), progress=False)
         except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
             raise BackboneError(

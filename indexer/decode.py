@@ -104,17 +104,16 @@ def open_image(source: "str | os.PathLike | Image.Image", longest: int,
     """
     register_plugins()
     try:
-        if isinstance(source, Image.Image):
-            im = source
-        else:
-            if os.path.getsize(source) == 0:
-                raise DecodeError("empty file")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(source)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return _decode(im, longest, max_pixels)
+            if isinstance(source, Image.Image):
+                return _decode(source, longest, max_pixels)
+            if os.path.getsize(source) == 0:
+                raise DecodeError("empty file")
+            # Close the file on every path: Pillow keeps multi-frame files
+            # (GIF, TIFF) and files that failed to load open otherwise.
+            with Image.open(source) as im:
+                return _decode(im, longest, max_pixels)
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:

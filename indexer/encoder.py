@@ -47,11 +47,13 @@ def cache_dir() -> Path:
 class Encoder:
     """Descriptors for batches of equally sized uint8 RGB images (N x H x W x 3).
 
-    Thread-safe: one instance can serve many threads.
+    Thread-safe: one instance can serve many threads. ``engine`` "auto" picks
+    ONNX Runtime on the CPU (about 3x faster than eager PyTorch there) and
+    torch on CUDA; "torch" forces PyTorch.
     """
 
     def __init__(self, recipe: Recipe, weights_file: str | os.PathLike | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", engine: str = "auto"):
         import torch
 
         from .pooling import Pool
@@ -64,7 +66,9 @@ class Encoder:
         self._lock = threading.Lock()
         self._session = None
         self._net = None
-        if device == "cpu":
+        if engine not in ("auto", "torch"):
+            raise ValueError(f"unknown engine {engine!r}; use auto or torch")
+        if device == "cpu" and engine == "auto":
             try:
                 self._session = _onnx_session(recipe, path)
             except Exception as exc:  # noqa: BLE001 - fall back to torch, which always works

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny seeded images made in tmp_path, and a shared ONNX cache."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# One ONNX export for the whole session, kept out of the user's cache.
+os.environ.setdefault("LOOKALIKE_CACHE", tempfile.mkdtemp(prefix="lookalike-test-cache-"))
+os.environ.pop("LOOKALIKE_DB", None)
+
+
+def make_photo(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A seeded picture with structure a CNN responds to: blobs, stripes and a gradient."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    base = rng.uniform(0, 255, 3)
+    img += base
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.1, 0.4) * min(w, h)
+        colour = rng.uniform(0, 255, 3)
+        mask = ((x - cx) ** 2 + (y - cy) ** 2) < r * r
+        img[mask] = colour
+    freq, angle = rng.uniform(0.05, 0.3), rng.uniform(0, np.pi)
+    stripes = np.sin((x * np.cos(angle) + y * np.sin(angle)) * freq)
+    img += 40 * stripes[..., None]
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def save_photo(path: Path, seed: int, size=(96, 64), **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_photo(seed, size).save(path, **kw)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A folder of six distinct small JPEG and PNG photos, one in a subfolder."""
+    root = tmp_path / "photos"
+    for i in range(5):
+        save_photo(root / f"p{i}.jpg", seed=i, quality=92)
+    save_photo(root / "sub" / "p5.png", seed=5)
+    return root
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "index.db"

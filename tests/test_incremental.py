@@ -1,0 +1,181 @@
+"""Re-indexing: only what changed is embedded; moves, edits and deletions are tracked."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import indexer.encoder
+from conftest import save_photo
+from indexer import Indexer, vectors
+from indexer.store import Store
+from search import Searcher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def index(db, *roots, **kw):
+    kw.setdefault("workers", 0)
+    kw.setdefault("image_size", 128)
+    return Indexer(db, **kw).index(roots)
+
+
+def counts(s):
+    return (s.added, s.updated, s.moved, s.removed, s.unchanged, s.failed)
+
+
+def faiss_agrees_with_db(db: Path) -> None:
+    store = Store(db)
+    try:
+        index = vectors.load(store, store.recipe().dim)
+        ids = np.sort(vectors_ids(index))
+        with store.session() as s:
+            from sqlalchemy import text
+
+            want = np.array([r[0] for r in s.execute(text(
+                "select id from images where status='ok' order by id"))], dtype=np.int64)
+        assert np.array_equal(ids, want)
+    finally:
+        store.close()
+
+
+def vectors_ids(index) -> np.ndarray:
+    import faiss
+
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def test_second_run_embeds_nothing_and_loads_no_model(photos, db, monkeypatch):
+    first = index(db, photos)
+    assert counts(first) == (6, 0, 0, 0, 0, 0) and first.embedded == 6
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded although nothing changed")
+
+    monkeypatch.setattr(indexer.encoder.Encoder, "__init__", no_model)
+    second = index(db, photos)
+    assert counts(second) == (0, 0, 0, 0, 6, 0) and second.embedded == 0
+
+
+def test_add_change_move_rename_delete(photos, db):
+    index(db, photos)
+    with Searcher(db) as s:
+        old_vec = s.embed(photos / "p1.jpg")
+        ids = {m.path: m.id for m in s.search(photos / "p0.jpg", k=10)}
+
+    save_photo(photos / "new.jpg", seed=100)                      # added
+    save_photo(photos / "p1.jpg", seed=101, quality=90)           # changed in place
+    (photos / "moved").mkdir()
+    os.rename(photos / "p2.jpg", photos / "moved" / "p2.jpg")     # moved
+    os.rename(photos / "p3.jpg", photos / "renamed.jpg")          # renamed
+    os.remove(photos / "p4.jpg")                                  # deleted
+    summary = index(db, photos)
+    assert counts(summary) == (1, 1, 2, 1, 2, 0), summary.line()
+    assert summary.embedded == 2  # the new file and the changed one, not the moves
+
+    with Searcher(db) as s:
+        assert len(s) == 6
+        hits = {m.path: m for m in s.search(photos / "renamed.jpg", k=10)}
+        assert str(photos / "p4.jpg") not in hits and str(photos / "p3.jpg") not in hits
+        assert hits[str(photos / "renamed.jpg")].score > 0.999
+        # A move keeps its database id and so its FAISS id.
+        assert hits[str(photos / "renamed.jpg")].id == ids[str(photos / "p3.jpg")]
+        assert hits[str(photos / "moved" / "p2.jpg")].id == ids[str(photos / "p2.jpg")]
+        changed = s.search(photos / "p1.jpg", k=1)[0]
+        assert changed.path == str(photos / "p1.jpg") and changed.score > 0.999
+        assert float(old_vec @ s.embed(photos / "p1.jpg")) < 0.99
+    faiss_agrees_with_db(db)
+
+
+def test_identical_copy_reuses_the_descriptor(photos, db):
+    index(db, photos)
+    (photos / "copy.jpg").write_bytes((photos / "p0.jpg").read_bytes())
+    summary = index(db, photos)
+    assert counts(summary) == (1, 0, 0, 0, 6, 0) and summary.embedded == 0
+    with Searcher(db) as s:
+        top = s.search(photos / "p0.jpg", k=2)
+        assert {m.path for m in top} == {str(photos / "p0.jpg"), str(photos / "copy.jpg")}
+        assert min(m.score for m in top) > 0.999
+
+
+def test_touched_file_with_same_content_is_unchanged(photos, db):
+    index(db, photos)
+    os.utime(photos / "p0.jpg", ns=(1, 1_000_000_000))
+    summary = index(db, photos)
+    assert counts(summary) == (0, 0, 0, 0, 6, 0) and summary.embedded == 0
+
+
+def test_rows_outside_the_roots_are_kept(photos, db, tmp_path):
+    other = tmp_path / "other"
+    save_photo(other / "o.jpg", seed=50)
+    index(db, photos)
+    index(db, other)
+    summary = index(db, photos)  # must not sweep 'other'
+    assert summary.removed == 0
+    with Searcher(db) as s:
+        assert len(s) == 7
+
+
+def test_faiss_file_is_rebuilt_when_it_disagrees(photos, db, caplog):
+    index(db, photos)
+    faiss_path = vectors.index_path(db)
+    faiss_path.write_bytes(b"garbage")
+    with Searcher(db) as s:
+        assert len(s) == 6
+        assert s.search(photos / "p0.jpg", k=1)[0].score > 0.999
+    assert "rebuilding the FAISS index" in caplog.text
+    # A stale but readable file (older generation) is rebuilt too.
+    stale = faiss_path.read_bytes(), faiss_path.with_name(faiss_path.name + ".json").read_text()
+    save_photo(photos / "late.jpg", seed=77)
+    index(db, photos)
+    faiss_path.write_bytes(stale[0])
+    faiss_path.with_name(faiss_path.name + ".json").write_text(stale[1])
+    with Searcher(db) as s:
+        assert len(s) == 7
+    faiss_agrees_with_db(db)
+
+
+def test_kill_9_mid_run_loses_nothing(tmp_path):
+    root = tmp_path / "many"
+    n = 40
+    for i in range(n):
+        save_photo(root / f"{i:03}.png", seed=1000 + i, size=(200, 150))
+    db = tmp_path / "k.db"
+    cmd = [sys.executable, "-c", "import cli; cli.main()", "index", str(root), "--db", str(db),
+           "--workers", "0", "--batch-size", "1", "--image-size", "448"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as con:
+                    done = con.execute("select count(*) from images").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if done >= 3:
+                break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail(f"index finished before it could be killed: {proc.stderr.read().decode()}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as con:
+        committed = con.execute("select count(*) from images").fetchone()[0]
+    assert 3 <= committed < n
+
+    summary = Indexer(db, workers=0).index([root])
+    assert summary.unchanged == committed
+    assert summary.added == n - committed and summary.failed == 0
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*), count(distinct path) from images").fetchone() == (n, n)
+    faiss_agrees_with_db(db)
+    with Searcher(db) as s:
+        assert len(s) == n
