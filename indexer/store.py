@@ -179,13 +179,17 @@ class Store:
                 q = q.where(ImageRow.status == status)
             return int(s.execute(q).scalar_one())
 
-    def rows_by_id(self, ids) -> dict[int, ImageRow]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            return {}
+    def describe_ids(self, ids) -> dict[int, tuple[str, int, int]]:
+        """(path, width, height) by id, in chunks that stay under SQLite's variable limit."""
+        ids = sorted({int(i) for i in ids})
+        out: dict[int, tuple[str, int, int]] = {}
         with self.session() as s:
-            rows = s.execute(select(ImageRow).where(ImageRow.id.in_(ids))).scalars().all()
-        return {r.id: r for r in rows}
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height)
+                                   .where(ImageRow.id.in_(chunk))):
+                    out[r.id] = (r.path, r.width or 0, r.height or 0)
+        return out
 
     def failures(self) -> list[tuple[str, str]]:
         with self.session() as s:

@@ -110,12 +110,16 @@ class Searcher:
         if k == 0:
             return [[] for _ in vecs]
         scores, ids = self.index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
-        rows = self.store.rows_by_id(i for i in ids.ravel() if i >= 0)
+        rows = self.store.describe_ids(i for i in ids.ravel() if i >= 0)
         out = []
         for srow, irow in zip(scores, ids):
-            out.append([Match(int(i), rows[int(i)].path, min(1.0, max(-1.0, float(sc))), rows[int(i)].width or 0,
-                              rows[int(i)].height or 0)
-                        for sc, i in zip(srow, irow) if i >= 0 and int(i) in rows])
+            matches = []
+            for score, i in zip(srow, irow):
+                if int(i) in rows:
+                    path, width, height = rows[int(i)]
+                    # Rounding can put an image's cosine with itself a hair above 1.
+                    matches.append(Match(int(i), path, min(1.0, float(score)), width, height))
+            out.append(matches)
         return out
 
     def search_many(self, queries: Iterable[Query], k: int = 10) -> Iterable[list[Match]]:
