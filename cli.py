@@ -59,6 +59,8 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, batch_si
 
         def progress(done: int, total: int) -> None:
             nonlocal bar
+            if not sys.stderr.isatty():  # a log file wants the summary, not a bar
+                return
             if bar is None:
                 bar = click.progressbar(length=total, label="embedding", file=sys.stderr)
                 bar.__enter__()

@@ -127,7 +127,7 @@ def open_image(source: "str | os.PathLike | Image.Image", longest: int,
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError, IndexError,
             KeyError, ZeroDivisionError, struct.error) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "truncated" in text or isinstance(exc, EOFError):
+        if "truncated" in text.lower() or isinstance(exc, EOFError):
             text = f"truncated or damaged: {text}"
         raise DecodeError(text) from None
 

@@ -103,7 +103,7 @@ def scan(
                 st = os.stat(folder)
             except OSError:
                 continue
-            if False:
+            if (st.st_dev, st.st_ino) in seen_dirs:
                 continue
             seen_dirs.add((st.st_dev, st.st_ino))
             try:

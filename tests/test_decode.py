@@ -415,6 +415,30 @@ def test_truncated_jpeg(tmp_path: Path):
     assert "truncated" in one_line(exc)
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75, 0.9, 0.99])
+def test_truncated_jpeg_anywhere_says_truncated(tmp_path: Path, fraction: float):
+    """Pillow words this "image file is truncated" or "Truncated File Read": both are named."""
+    data = make_jpeg_bytes(tmp_path)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(DecodeError) as exc:
+        open_image(path, 32)
+    assert "truncated" in one_line(exc)
+
+
+def test_jpeg_cut_inside_headers_says_truncated(tmp_path: Path):
+    data = make_jpeg_bytes(tmp_path)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: data.index(b"\xff\xda") - 5])  # stop before the scan starts
+    with pytest.raises(DecodeError) as exc:
+        open_image(path, 32)
+    assert "truncated" in one_line(exc)
+
+
+def make_jpeg_bytes(tmp_path: Path) -> bytes:
+    return save_photo(tmp_path / "whole.jpg", seed=42, size=(200, 150), quality=90).read_bytes()
+
+
 def test_truncated_png(tmp_path: Path):
     data = save_photo(tmp_path / "whole.png", seed=41, size=(200, 150)).read_bytes()
     path = tmp_path / "half.png"

@@ -1,10 +1,13 @@
 """indexer.scan: finding image files, hidden files, symlinks, roots, extensions, sha256."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,9 +26,29 @@ def touch(path: Path, data: bytes = b"x") -> Path:
     return path
 
 
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the block after ``seconds`` (POSIX main thread only)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"scan still running after {seconds} s (a symlink loop?)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def found(roots, limit: int = 1000, **kw) -> list[str]:
-    """Paths yielded by scan; bounded so that a loop cannot hang the test."""
-    out = list(itertools.islice(scan([os.fspath(r) for r in roots], **kw), limit))
+    """Paths yielded by scan; bounded in count and time so that a loop cannot hang the test."""
+    with time_limit(10):
+        out = list(itertools.islice(scan([os.fspath(r) for r in roots], **kw), limit))
     assert len(out) < limit, "scan yielded far too many files (a loop?)"
     return [f.path for f in out]
 
