@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Pillow refuses images above twice this many pixels; we apply the same limit
-# ourselves so the reason is ours and the bound can be changed per call.
+# Pillow refuses images above twice its MAX_IMAGE_PIXELS (89,478,485); we apply the
+# same limit ourselves so the reason is ours. A caller may lower it per call; raising
+# it would also need Pillow's process-wide setting raised.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 # Canvas for transparent pixels: most transparent images (logos, products,
 # cut-outs) are designed to be seen on white.

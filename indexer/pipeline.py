@@ -72,7 +72,7 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
         nonlocal buffered
         items = buckets.pop(shape)
         buffered -= len(items)
-        vecs = encoder.embed(np.stack([px.numpy() for _, px, _, _ in items]))
+        vecs = encoder.embed(np.stack([px for _, px, _, _ in items]))
         return [Result(i, v, w, h) for (i, _, w, h), v in zip(items, vecs)]
 
     failed: list[Result] = []
@@ -83,7 +83,9 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
                 yield failed
                 failed = []
             continue
-        shape = tuple(px.shape[:2])
+        # Copy out of shared memory: a buffered tensor holds a file descriptor.
+        px = px.numpy().copy()
+        shape = px.shape[:2]
         buckets.setdefault(shape, []).append((i, px, w, h))
         buffered += 1
         if len(buckets[shape]) >= batch_size:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import (BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine,
+from sqlalchemy import (URL, BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine,
                         event, select, func)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -28,6 +28,8 @@ class Base(DeclarativeBase):
 
 class ImageRow(Base):
     __tablename__ = "images"
+    # Ids are FAISS ids: never hand a deleted image's id to a new one.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(Text, unique=True, nullable=False)
@@ -109,7 +111,7 @@ class Store:
                 raise StoreError(f"{self.path}: cannot create folder: {exc.strerror}") from None
         elif self.path.is_dir():
             raise StoreError(f"{self.path}: is a folder, not a database file")
-        self.engine = create_engine(f"sqlite:///{self.path}")
+        self.engine = create_engine(URL.create("sqlite", database=str(self.path)))
         event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             migrate(self.engine, str(self.path))
@@ -187,7 +189,7 @@ class Store:
             for start in range(0, len(ids), 900):
                 chunk = ids[start:start + 900]
                 for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height)
-                                   .where(ImageRow.id.in_(chunk))):
+                                   .where(ImageRow.id.in_(chunk), ImageRow.status == OK)):
                     out[r.id] = (r.path, r.width or 0, r.height or 0)
         return out
 

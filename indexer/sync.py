@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from . import vectors
 from .decode import DEFAULT_MAX_PIXELS
 from .recipe import Recipe
 from .scan import FileStat, file_sha256, resolve_root, scan
-from .store import FAILED, OK, ImageRow, Store, default_db_path, now
+from .store import FAILED, OK, ImageRow, Store, StoreError, default_db_path, now
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,32 @@ class Summary:
 
 def _under(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+@contextmanager
+def run_lock(db: Path):
+    """One index run per database at a time: a second one waits for the first.
+
+    Two runs interleaving their commits would each save a FAISS index missing
+    the other's changes, under a generation that looks current.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, runs must not overlap
+        yield
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(db.with_name(db.name + ".lock"), "a+")
+    except OSError as exc:
+        raise StoreError(f"{db}: cannot create the database here: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another index run on %s to finish", db)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def default_workers() -> int:
@@ -115,11 +142,12 @@ class Indexer:
         roots = [resolve_root(r) for r in roots]
         if not roots:
             raise ValueError("no folder to index")
-        store = Store(self.db)
-        try:
-            summary = self._index(store, roots, progress)
-        finally:
-            store.close()
+        with run_lock(self.db):
+            store = Store(self.db)
+            try:
+                summary = self._index(store, roots, progress)
+            finally:
+                store.close()
         summary.seconds = time.perf_counter() - start
         return summary
 
@@ -151,13 +179,16 @@ class Indexer:
             return summary
 
         hashes, unreadable = self._hash(candidates)
-        ok_by_sha: dict[str, int] = {}
+        # Descriptors of content already indexed, read before any row changes:
+        # when names are swapped, a live row may already hold its new content.
+        known: dict[str, tuple[int, bytes, int, int]] = {}
         with store.session() as s:
-            for sha in {h for h in hashes.values() if h}:
-                hit = s.execute(select(ImageRow.id).where(ImageRow.sha256 == sha,
-                                                          ImageRow.status == OK).limit(1)).first()
+            for sha in set(hashes.values()):
+                hit = s.execute(select(ImageRow.id, ImageRow.embedding, ImageRow.width,
+                                       ImageRow.height)
+                                .where(ImageRow.sha256 == sha, ImageRow.status == OK).limit(1)).first()
                 if hit:
-                    ok_by_sha[sha] = hit[0]
+                    known[sha] = tuple(hit)
         missing_by_sha: dict[str, list] = {}
         for row in missing.values():
             if row.sha256:
@@ -191,11 +222,11 @@ class Indexer:
                         summary.failed += 1
                     else:
                         summary.moved += 1
-                elif sha in ok_by_sha and (row is None or row.id != ok_by_sha[sha]):
+                elif sha in known and (row is None or row.id != known[sha][0]):
                     # Same bytes as an indexed image: same descriptor, no need to embed.
-                    src = s.get(ImageRow, ok_by_sha[sha])
-                    vec = np.frombuffer(src.embedding, dtype=np.float32)[None]
-                    target = self._upsert(s, row, f, sha, OK, None, src.embedding, src.width, src.height)
+                    _, embedding, width, height = known[sha]
+                    vec = np.frombuffer(embedding, dtype=np.float32)[None]
+                    target = self._upsert(s, row, f, sha, OK, None, embedding, width, height)
                     s.flush()
                     if row is not None:
                         vectors.remove(index, [target.id])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,10 @@ def load(store: Store, dim: int):
     if why:
         log.warning("rebuilding the FAISS index from the database: %s", why)
     index = rebuild(store, dim)
-    save(store, index, generation)
+    try:
+        save(store, index, generation)
+    except OSError as exc:  # a read-only folder: search from memory all the same
+        log.warning("cannot write the FAISS index next to %s: %s", store.path, exc.strerror or exc)
     return index
 
 
@@ -73,17 +77,22 @@ def save(store: Store, index, generation: int) -> None:
     import faiss
 
     path, meta_path = index_path(store.path), _meta_path(store.path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomically(path, lambda tmp: faiss.write_index(index, tmp))
     # Written second: a crash in between leaves an old generation, which
     # only costs a rebuild on the next open.
-    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"generation": generation, "count": int(index.ntotal), "dim": int(index.d)}))
-    os.replace(tmp, meta_path)
+    meta = json.dumps({"generation": generation, "count": int(index.ntotal), "dim": int(index.d)})
+    _write_atomically(meta_path, lambda tmp: Path(tmp).write_text(meta))
+
+
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def to_device(index, device: str):

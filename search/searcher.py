@@ -52,13 +52,25 @@ class Searcher:
                 raise vectors_error(self.store.path)
             self.recipe = recipe
             self.device = resolve_device(device)
-            self.index = vectors.to_device(vectors.load(self.store, recipe.dim), self.device)
+            self._lock = threading.Lock()
+            self._generation = None
+            self._refresh()
         except Exception:
             self.store.close()
             raise
         self.weights, self.max_pixels = weights, max_pixels
         self._encoder = None
-        self._lock = threading.Lock()
+
+    def _refresh(self) -> None:
+        """Reload the FAISS index when an index run has changed the database since."""
+        generation = self.store.generation()
+        if generation == self._generation:
+            return
+        with self._lock:
+            if generation != self._generation:
+                cpu = vectors.load(self.store, self.recipe.dim)
+                self._cpu_index, self.index = cpu, vectors.to_device(cpu, self.device)
+                self._generation = generation
 
     def __enter__(self) -> "Searcher":
         return self
@@ -106,10 +118,13 @@ class Searcher:
         """Nearest neighbours for each row of ``vecs`` (N x dim)."""
         if k < 1:
             raise ValueError("k must be at least 1")
+        self._refresh()
         k = min(k, len(self))
         if k == 0:
             return [[] for _ in vecs]
-        scores, ids = self.index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
+        # FAISS on the GPU answers at most 2048 neighbours; the CPU copy has no limit.
+        index = self.index if k <= 2048 else self._cpu_index
+        scores, ids = index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
         rows = self.store.describe_ids(i for i in ids.ravel() if i >= 0)
         out = []
         for srow, irow in zip(scores, ids):

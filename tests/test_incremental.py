@@ -32,24 +32,16 @@ def counts(s):
 
 
 def faiss_agrees_with_db(db: Path) -> None:
-    store = Store(db)
-    try:
-        index = vectors.load(store, store.recipe().dim)
-        ids = np.sort(vectors_ids(index))
-        with store.session() as s:
-            from sqlalchemy import text
-
-            want = np.array([r[0] for r in s.execute(text(
-                "select id from images where status='ok' order by id"))], dtype=np.int64)
-        assert np.array_equal(ids, want)
-    finally:
-        store.close()
-
-
-def vectors_ids(index) -> np.ndarray:
+    """The FAISS file on disk holds exactly the database's descriptors, under their ids."""
     import faiss
 
-    return faiss.vector_to_array(index.id_map).astype(np.int64)
+    index = faiss.read_index(str(vectors.index_path(db)))
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select id, embedding from images where status='ok' order by id").fetchall()
+    assert sorted(ids.tolist()) == [r[0] for r in rows]
+    for rid, blob in rows:
+        assert np.array_equal(index.reconstruct(rid), np.frombuffer(blob, dtype=np.float32))
 
 
 def test_second_run_embeds_nothing_and_loads_no_model(photos, db, monkeypatch):
@@ -91,6 +83,55 @@ def test_add_change_move_rename_delete(photos, db):
         changed = s.search(photos / "p1.jpg", k=1)[0]
         assert changed.path == str(photos / "p1.jpg") and changed.score > 0.999
         assert float(old_vec @ s.embed(photos / "p1.jpg")) < 0.99
+    faiss_agrees_with_db(db)
+
+
+def test_swapped_names_swap_descriptors(photos, db):
+    index(db, photos)
+    with Searcher(db) as s:
+        before = {n: s.embed(photos / n) for n in ("p0.jpg", "p1.jpg", "p2.jpg")}
+    # Rotate three names: p0 -> p1 -> p2 -> p0.
+    os.rename(photos / "p0.jpg", photos / "tmp")
+    os.rename(photos / "p2.jpg", photos / "p0.jpg")
+    os.rename(photos / "p1.jpg", photos / "p2.jpg")
+    os.rename(photos / "tmp", photos / "p1.jpg")
+    summary = index(db, photos)
+    assert summary.embedded == 0 and summary.failed == 0
+    with Searcher(db) as s:
+        for old, new in (("p0.jpg", "p1.jpg"), ("p1.jpg", "p2.jpg"), ("p2.jpg", "p0.jpg")):
+            top = s.search(before[old], k=1)[0]
+            assert top.path == str(photos / new) and top.score > 0.999
+    faiss_agrees_with_db(db)
+
+
+def test_ids_of_deleted_images_are_never_reused(photos, db):
+    index(db, photos)
+    with Searcher(db) as s:
+        last = max(m.id for m in s.search(photos / "p0.jpg", k=6))
+        (photos / "sub" / "p5.png").unlink()
+        save_photo(photos / "zz.png", seed=60)
+        index(db, photos)
+        # A Searcher left open sees the new run, and the new image has a new id.
+        top = s.search(photos / "zz.png", k=1)[0]
+        assert top.path == str(photos / "zz.png") and top.id > last
+        assert len(s) == 6
+
+
+def test_two_index_runs_on_one_database_take_turns(photos, db, tmp_path):
+    other = tmp_path / "other"
+    for i in range(6):
+        save_photo(other / f"o{i}.png", seed=300 + i)
+    index(db, photos)
+    cmd = [sys.executable, "-c", "import cli; cli.main()", "index", "--db", str(db),
+           "--workers", "0", "--batch-size", "1"]
+    procs = [subprocess.Popen(cmd + [str(root)], cwd=REPO, stderr=subprocess.PIPE)
+             for root in (other, photos)]
+    for i in range(5):
+        save_photo(photos / f"p{i}.jpg", seed=200 + i)
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    index(db, photos)
+    index(db, other)
     faiss_agrees_with_db(db)
 
 

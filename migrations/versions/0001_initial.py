@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text()),
         sa.Column("embedding", sa.LargeBinary()),
         sa.Column("indexed_at", sa.DateTime(), nullable=False),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_images_sha256", "images", ["sha256"])
     op.create_table(
