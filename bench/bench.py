@@ -23,7 +23,7 @@ The photo set is built from camera photos shipped in Debian packages
 JPEG of >= 10 MP, re-encoded as baseline JPEGs at a few qualities until there
 are --count distinct files.
 
-    python bench/bench.py                 # 100 images, about 3 minutes on 2 cores
+    python bench/bench.py                 # 100 images, about 1 minute on 2 cores
     python bench/bench.py --count 300 --workers 4 --device cuda --keep
 """
 from __future__ import annotations
@@ -240,12 +240,11 @@ def naive_embed(paths: list[Path], recipe, device: str, keep_pixels: int = 5):
     from indexer.backbone import resolve_weights
     from indexer.decode import target_size
     from indexer.network import build_trunk
-    from indexer.pooling import Pool
+    from indexer.pooling import pool
 
     t0 = time.perf_counter()
     weights, _ = resolve_weights(recipe.model)
     net = build_trunk(recipe.model, recipe.layer, weights).to(device)
-    pool = Pool(recipe.pooling, recipe.gem_p or 3.0)
     image_size = recipe.image_size
     build_s = time.perf_counter() - t0
 
@@ -273,7 +272,7 @@ def naive_embed(paths: list[Path], recipe, device: str, keep_pixels: int = 5):
                 kept.append(px)
             c = time.perf_counter()
             x = torch.from_numpy(px.transpose(2, 0, 1).astype(np.float32))[None].to(device)
-            vectors.append(pool(net(x)).float().cpu().numpy()[0])
+            vectors.append(pool(net(x).float().cpu().numpy(), recipe.pooling, recipe.gem_p or 3.0)[0])
             sync()
             d = time.perf_counter()
             stages["decode"] += b - a
@@ -325,6 +324,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[auto]")
     ap.add_argument("--naive-count", type=int,
                     help="images for the naive baseline [all; images/s is the figure]")
+    ap.add_argument("--index-repeats", type=int, default=3,
+                    help="timed `lookalike index` runs, each with a fresh db; the median counts [3]")
     ap.add_argument("--queries", type=int, default=100, help="warm in-process queries [100]")
     ap.add_argument("--cold-repeats", type=int, default=5, help="cold CLI queries [5]")
     ap.add_argument("--source", action="append",
@@ -332,8 +333,8 @@ def main() -> None:
     ap.add_argument("--work", help="work folder [a new one under the temp dir]")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (photos, databases)")
     args = ap.parse_args()
-    if args.count < 1:
-        ap.error("--count must be at least 1")
+    if args.count < 1 or args.index_repeats < 1:
+        ap.error("--count and --index-repeats must be at least 1")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from indexer.encoder import cache_dir, resolve_device
@@ -353,7 +354,7 @@ def main() -> None:
     if args.work:
         work = Path(args.work).expanduser().resolve()
         work.mkdir(parents=True, exist_ok=True)
-        for name in ("photos", "warm", "index.db", "warm.db"):
+        for name in ("photos", "warm", "index-", "warm.db"):
             target = work / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -372,8 +373,10 @@ def main() -> None:
                 f"{s.stat().st_size / 1e6:5.1f} MB  {s}")
     t = time.perf_counter()
     photos = build_photo_set(sources, args.count, work / "photos")
-    mp = [Image.open(p).size for p in photos]
-    mp = [w * h / 1e6 for w, h in mp]
+    mp = []
+    for p in photos:
+        with Image.open(p) as im:
+            mp.append(im.width * im.height / 1e6)
     size_mb = sum(p.stat().st_size for p in photos) / 1e6
     say(f"built {len(photos)} distinct baseline JPEGs (quality 95 down, 4:2:0/4:2:2) in "
         f"{work / 'photos'}: {min(mp):.1f}-{max(mp):.1f} MP, mean {statistics.mean(mp):.1f} MP, "
@@ -391,17 +394,24 @@ def main() -> None:
     say(f"\nwarm-up (untimed): one `lookalike index` of 1 image, {t:.1f}s; ONNX cache is "
         f"{os.environ.get('LOOKALIKE_CACHE') or cache_dir()}")
 
-    # -- indexing
-    db = work / "index.db"
-    cmd = cli + ["index", str(work / "photos"), "--db", str(db)] + opts
-    say("\n== indexing: " + " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)))
-    index_s, proc = run_timed(cmd, env)
-    first = parse_summary(proc.stderr)
-    if first["embedded"] != len(photos):
-        sys.exit(f"expected {len(photos)} embedded, got: {proc.stderr.strip()}")
+    # -- indexing: a fresh database each time; the median run is the figure
+    runs = []
+    for r in range(args.index_repeats):
+        db = work / f"index-{r}.db"
+        cmd = cli + ["index", str(work / "photos"), "--db", str(db)] + opts
+        if r == 0:
+            say("\n== indexing: " + " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)))
+        elapsed, proc = run_timed(cmd, env)
+        summary = parse_summary(proc.stderr)
+        if summary["embedded"] != len(photos):
+            sys.exit(f"expected {len(photos)} embedded, got: {proc.stderr.strip()}")
+        runs.append((elapsed, summary["seconds"]))
+    index_s = statistics.median(r[0] for r in runs)
+    inside_s = statistics.median(r[1] for r in runs)
     ours_rate = len(photos) / index_s
-    say(f"lookalike  {len(photos)} images in {index_s:.1f}s = {ours_rate:.2f} images/s (whole process; "
-        f"{len(photos) / first['seconds']:.2f} images/s over the {first['seconds']:.1f}s inside index(); "
+    say(f"lookalike  {len(photos)} images in {index_s:.1f}s = {ours_rate:.2f} images/s (whole process, "
+        f"median of {len(runs)} runs with a fresh db: " + ", ".join(f"{r[0]:.1f}s" for r in runs)
+        + f"; {len(photos) / inside_s:.2f} images/s over the {inside_s:.1f}s inside index(); "
         f"device {device}, workers {workers}, batch {args.batch_size})")
     again_s, proc = run_timed(cmd, env)
     second = parse_summary(proc.stderr)
@@ -451,7 +461,7 @@ def main() -> None:
 
     say("\n== queries (k=10, query images are the indexed photos themselves)")
     with Searcher(db, device=args.device) as searcher:
-        for p in photos[:3]:  # warm-up: model load, first run of each shape
+        for p in photos[:len(sources)]:  # warm-up: model load, first run of each shape
             searcher.search(p, k=10)
         lat, hits = [], 0
         for i in range(args.queries):
@@ -459,10 +469,12 @@ def main() -> None:
             t = time.perf_counter()
             matches = searcher.search(p, k=10)
             lat.append(time.perf_counter() - t)
-            hits += bool(matches) and matches[0].path == str(p)
+            # Close re-encodes of one photo can have identical pixels after a 1/8 draft
+            # decode, so the query file may tie with another file for first place.
+            hits += any(m.path == str(p) and m.score >= matches[0].score - 1e-5 for m in matches)
     say(f"warm Searcher, {args.queries} queries: p50 {1000 * percentile(lat, 50):.0f} ms, "
         f"p95 {1000 * percentile(lat, 95):.0f} ms, max {1000 * max(lat):.0f} ms "
-        f"(top hit is the query itself: {hits}/{args.queries})")
+        f"(the query file is the top hit, or tied with it: {hits}/{args.queries})")
     cold = []
     for i in range(args.cold_repeats):
         p = photos[(i * 7) % len(photos)]

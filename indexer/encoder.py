@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import resolve_weights
-from .network import build_trunk
+from .pooling import pool
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ def resolve_device(device: str = "auto") -> str:
         raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
     if device == "cpu":
         return device
+    if device == "auto" and sys.platform.startswith("linux") and not os.path.exists(
+            "/proc/driver/nvidia/version"):
+        # No NVIDIA driver: no CUDA, and no need to spend a second importing torch.
+        return "cpu"
     import torch
 
     if torch.cuda.is_available():
@@ -54,15 +59,10 @@ class Encoder:
 
     def __init__(self, recipe: Recipe, weights_file: str | os.PathLike | None = None,
                  device: str = "cpu", engine: str = "auto"):
-        import torch
-
-        from .pooling import Pool
-
         path, sha = resolve_weights(recipe.model, weights_file)
         if sha != recipe.weights_sha256:
             raise_mismatch(recipe, sha)
         self.recipe, self.device = recipe, device
-        self._pool = Pool(recipe.pooling, recipe.gem_p or 3.0)
         self._lock = threading.Lock()
         self._session = None
         self._net = None
@@ -74,6 +74,10 @@ class Encoder:
             except Exception as exc:  # noqa: BLE001 - fall back to torch, which always works
                 log.warning("ONNX Runtime unavailable (%s); using PyTorch on the CPU", exc)
         if self._session is None:
+            import torch
+
+            from .network import build_trunk
+
             net = build_trunk(recipe.model, recipe.layer, path)
             if device.startswith("cuda"):
                 net = net.to(device, memory_format=torch.channels_last)
@@ -82,26 +86,29 @@ class Encoder:
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """float32 N x dim, L2-normalised, for uint8 pixels N x H x W x 3."""
-        import torch
-
         if pixels.ndim == 3:
             pixels = pixels[None]
         x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
         if self._session is not None:
-            fmap = torch.from_numpy(self._session.run(None, {"pixels": x})[0])
+            fmap = self._session.run(None, {"pixels": x})[0]
         else:
-            t = torch.from_numpy(x)
-            with torch.inference_mode():
-                if self.device.startswith("cuda"):
-                    t = t.pin_memory().to(self.device, non_blocking=True)
-                    t = t.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        fmap = self._net(t)
-                else:
-                    with self._lock:  # torch CPU modules share scratch state between calls
-                        fmap = self._net(t)
+            fmap = self._forward(x)
+        return pool(fmap, self.recipe.pooling, self.recipe.gem_p or 3.0)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        t = torch.from_numpy(x)
         with torch.inference_mode():
-            return self._pool(fmap).float().cpu().numpy()
+            if self.device.startswith("cuda"):
+                t = t.pin_memory().to(self.device, non_blocking=True)
+                t = t.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    fmap = self._net(t)
+            else:
+                with self._lock:  # torch CPU modules share scratch state between calls
+                    fmap = self._net(t)
+            return fmap.float().cpu().numpy()
 
 
 def raise_mismatch(recipe: Recipe, sha: str) -> None:
@@ -130,6 +137,8 @@ def _export(recipe: Recipe, weights_file: Path, path: Path) -> None:
     """Export the trunk once to ONNX, check it against torch, then move it into place."""
     import onnxruntime as ort
     import torch
+
+    from .network import build_trunk
 
     log.info("exporting %s/%s to ONNX at %s", recipe.model, recipe.layer, path)
     net = build_trunk(recipe.model, recipe.layer, weights_file)

@@ -1,48 +1,49 @@
 """Global pooling of a convolutional feature map into one descriptor.
 
-Pure functions on (N, C, H, W) tensors, plus a small module that applies
-one of them and L2-normalises, so that pooling can travel inside an exported
-ONNX graph.
+Small pure functions on (N, C, H, W) float arrays. They are NumPy, not
+torch, so that a query on the CPU (ONNX Runtime) never has to import torch.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import numpy as np
 
 from .recipe import POOLINGS
 
+EPS = 1e-6
 
-def mac(x: torch.Tensor) -> torch.Tensor:
+
+def mac(x: np.ndarray) -> np.ndarray:
     """Maximum activation of convolutions: the max over each channel."""
-    return torch.amax(x, dim=(2, 3))
+    return x.max(axis=(2, 3))
 
 
-def spoc(x: torch.Tensor) -> torch.Tensor:
-    """Sum-pooled convolutional features (here the mean, same after L2)."""
-    return torch.mean(x, dim=(2, 3))
+def spoc(x: np.ndarray) -> np.ndarray:
+    """Sum-pooled convolutional features (here the mean, the same after L2)."""
+    return x.mean(axis=(2, 3))
 
 
-def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised mean: p=1 is SPoC, p -> infinity is MAC."""
-    return torch.mean(x.clamp(min=eps).pow(p), dim=(2, 3)).pow(1.0 / p)
+def gem(x: np.ndarray, p: float = 3.0) -> np.ndarray:
+    """Generalised mean: p = 1 is SPoC, p -> infinity is MAC."""
+    return np.power(np.power(np.maximum(x, EPS), p).mean(axis=(2, 3)), 1.0 / p)
 
 
-def rmac(x: torch.Tensor, levels: int = 3, eps: float = 1e-6) -> torch.Tensor:
-    """Regional MAC (Tolias et al.): sum of L2-normalised MACs of square regions.
+def l2n(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), EPS)
+
+
+def rmac(x: np.ndarray, levels: int = 3) -> np.ndarray:
+    """Regional MAC (Tolias et al.): the sum of L2-normalised MACs of square regions.
 
     Regions are squares of side 2*min(H, W)/(l+1) on a grid with about 40 %
-    overlap, for l = 1..levels, plus the whole map. Shapes are static per
-    feature-map size, so this exports to ONNX for each input size traced.
+    overlap, for l = 1..levels, plus the whole map.
     """
-    h, w = int(x.shape[2]), int(x.shape[3])
-    out = F.normalize(mac(x), dim=1, eps=eps)
+    h, w = x.shape[2], x.shape[3]
+    out = l2n(mac(x))
     for level in range(1, levels + 1):
         side = max(1, int(2 * min(h, w) / (level + 1)))
         for top in _starts(h, side, level):
             for left in _starts(w, side, level):
-                region = x[:, :, top:top + side, left:left + side]
-                out = out + F.normalize(mac(region), dim=1, eps=eps)
+                out = out + l2n(mac(x[:, :, top:top + side, left:left + side]))
     return out
 
 
@@ -54,23 +55,17 @@ def _starts(length: int, side: int, level: int) -> list[int]:
     return [int(round(i * step)) for i in range(count)]
 
 
-class Pool(nn.Module):
-    """Pool a feature map and L2-normalise the result."""
-
-    def __init__(self, method: str, p: float = 3.0):
-        super().__init__()
-        if method not in POOLINGS:
-            raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
-        self.method, self.p = method, float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.method == "gem":
-            v = gem(x, self.p)
-        elif self.method == "mac":
-            v = mac(x)
-        elif self.method == "spoc":
-            v = spoc(x)
-        else:
-            v = rmac(x)
-        return F.normalize(v, dim=1)
+def pool(x: np.ndarray, method: str, p: float = 3.0) -> np.ndarray:
+    """Pool a feature map with ``method`` and L2-normalise: float32 N x C."""
+    if method not in POOLINGS:
+        raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
+    x = np.asarray(x, dtype=np.float32)
+    if method == "gem":
+        v = gem(x, p)
+    elif method == "mac":
+        v = mac(x)
+    elif method == "spoc":
+        v = spoc(x)
+    else:
+        v = rmac(x)
+    return l2n(v).astype(np.float32)

@@ -15,7 +15,6 @@ import pytest
 import indexer.encoder
 from conftest import save_photo
 from indexer import Indexer, vectors
-from indexer.store import Store
 from search import Searcher
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,34 @@ def test_unknown_model_layer_and_device_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_pooling_functions_agree_with_their_definitions():
+    from indexer import pooling
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 2, (2, 8, 5, 7)).astype(np.float32)
+    assert np.allclose(pooling.gem(x, 1.0), pooling.spoc(x), atol=1e-5)
+    assert np.allclose(pooling.gem(x / 2, 100.0), pooling.mac(x / 2), rtol=0.05)
+    assert np.allclose(pooling.mac(x), x.reshape(2, 8, -1).max(-1))
+    for method in ("gem", "mac", "spoc", "rmac"):
+        v = pooling.pool(x, method)
+        assert v.shape == (2, 8) and v.dtype == np.float32
+        assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    # R-MAC differs from MAC: regions count, not just the global maximum.
+    assert not np.allclose(pooling.pool(x, "rmac"), pooling.pool(x, "mac"), atol=1e-3)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pooling.pool(x, "median")
+
+
+def test_a_cpu_query_does_not_import_torch(photos, db, tmp_path):
+    import subprocess
+    import sys
+
+    Indexer(db, image_size=128, workers=0).index([photos])
+    code = ("import sys; from search import Searcher; s = Searcher(sys.argv[1], device='cpu'); "
+            "m = s.search(sys.argv[2], k=1)[0]; print(m.path, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(db), str(photos / "p0.jpg")],
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == [str(photos / "p0.jpg"), "False"]
