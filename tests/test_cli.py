@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from conftest import save_photo
+from conftest import png_header, save_photo
 
 
 def run(*args, input=None):
@@ -155,3 +155,40 @@ def test_bad_files_never_stop_a_run(photos, db, tmp_path):
     shutil.rmtree(photos / "sub")
     result = run("index", photos, "--db", db, "--workers", "0")
     assert "1 removed, 6 unchanged, 3 failed" in result.output
+
+
+def test_a_folder_of_awkward_files_indexes_to_completion(tmp_path, db):
+    import numpy as np
+
+    from conftest import make_photo
+
+    root = tmp_path / "awkward"
+    root.mkdir()
+    photo = make_photo(11, (120, 80))
+    photo.save(root / "upright.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    photo.transpose(Image.Transpose.ROTATE_270).save(root / "rotated.jpg", quality=95, exif=exif)
+    photo.convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    grey16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(grey16).save(root / "grey16.png")
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png", transparency=0)
+    photo.convert("RGBA").save(root / "alpha.png")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "fake.jpg").write_text("<html>not a picture</html>")
+    data = (root / "upright.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "bomb.png").write_bytes(png_header(40000, 40000))
+
+    result = run("index", root, "--db", db, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert "6 added" in result.output and "4 failed" in result.output
+    for name, reason in (("empty.jpg", "empty file"), ("fake.jpg", "not an image"),
+                         ("truncated.jpg", "truncated"), ("bomb.png", "decompression bomb")):
+        assert f"failed: {root / name}: {reason}" in result.stderr
+    info = json.loads(run("info", "--db", db, "--json").stdout)
+    assert info["counts"] == {"ok": 6, "failed": 4}
+    out = run("query", root / "upright.jpg", "--db", db, "--json", "-k", "6").stdout
+    scores = {r["path"]: r["score"] for r in json.loads(out)["results"]}
+    assert scores[str(root / "rotated.jpg")] > 0.95
+    assert scores[str(root / "cmyk.jpg")] > 0.8

@@ -4,16 +4,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, features
 
-from conftest import make_photo, save_photo
+from conftest import png_header, make_photo, save_photo
 from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeError, open_image, target_size
 
 T = Image.Transpose
@@ -378,17 +376,6 @@ def test_avif(tmp_path: Path):
 
 
 # --- bad files ----------------------------------------------------------------------------
-
-
-def png_header(width: int, height: int, mode_bits: tuple[int, int] = (8, 0)) -> bytes:
-    """A tiny PNG whose header declares ``width`` x ``height`` (no real pixel data)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, mode_bits[0], mode_bits[1], 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
-            + chunk(b"IEND", b""))
 
 
 def test_empty_file(tmp_path: Path):
