@@ -139,19 +139,23 @@ class Indexer:
     def index(self, roots: Iterable[str | os.PathLike], progress: Progress | None = None) -> Summary:
         """Scan ``roots`` and bring the database and the FAISS index in line with them."""
         start = time.perf_counter()
+        from .encoder import resolve_device
+
         roots = [resolve_root(r) for r in roots]
         if not roots:
             raise ValueError("no folder to index")
+        device = resolve_device(self.device)  # a bad device fails now, not after the scan
         with run_lock(self.db):
             store = Store(self.db)
             try:
-                summary = self._index(store, roots, progress)
+                summary = self._index(store, roots, device, progress)
             finally:
                 store.close()
         summary.seconds = time.perf_counter() - start
         return summary
 
-    def _index(self, store: Store, roots: list[str], progress: Progress | None) -> Summary:
+    def _index(self, store: Store, roots: list[str], device: str,
+               progress: Progress | None) -> Summary:
         recipe = self._recipe(store)
         with store.session() as s:
             if store.get_setting(s, "recipe") is None:
@@ -251,7 +255,8 @@ class Indexer:
             generation = store.generation(s)
 
         if to_embed:
-            generation = self._embed(store, recipe, to_embed, by_path, hashes, index, summary, progress)
+            generation = self._embed(store, recipe, device, to_embed, by_path, hashes, index, summary,
+                                     progress)
         vectors.save(store, index, generation)
         return summary
 
@@ -288,12 +293,11 @@ class Indexer:
         if row is not None and row.status == OK:
             vectors.remove(index, [db_row.id])
 
-    def _embed(self, store: Store, recipe: Recipe, files: list[FileStat], by_path, hashes, index,
-               summary: Summary, progress: Progress | None) -> int:
-        from .encoder import Encoder, resolve_device
+    def _embed(self, store: Store, recipe: Recipe, device: str, files: list[FileStat], by_path,
+               hashes, index, summary: Summary, progress: Progress | None) -> int:
+        from .encoder import Encoder
         from .pipeline import embed_files
 
-        device = resolve_device(self.device)
         encoder = Encoder(recipe, self.weights, device)
         log.info("embedding %d files with %s", len(files), encoder.engine)
         done = 0

@@ -113,6 +113,14 @@ def test_user_errors_are_one_line_and_non_zero(photos, db, tmp_path):
     result = run("index", photos, "--db", db, "--pooling", "median")
     assert result.exit_code == 2 and "median" in result.output
 
+    import torch
+
+    if not torch.cuda.is_available():
+        result = run("index", photos, "--db", db, "--device", "cuda")
+        assert result.exit_code == 1
+        assert result.output.strip() == "Error: device 'cuda' asked for, but torch sees no CUDA GPU"
+        assert not db.exists()
+
 
 def test_recipe_mismatch_is_refused_naming_the_difference(photos, db):
     assert run("index", photos, "--db", db, "--workers", "0", "--image-size", "160").exit_code == 0
