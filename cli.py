@@ -21,12 +21,24 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (BackboneError, RecipeMismatch, RootNotFound, StoreError, ValueError)
 
 
+class _EchoHandler(logging.Handler):
+    """Log records to whatever stderr is now (click swaps it in tests and pipes)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.version_option(package_name="lookalike")
 def main(verbose: int) -> None:
     """Image similarity search: index folders of images, then ask which ones look alike."""
-    logging.basicConfig(level=logging.WARNING, format="lookalike: %(message)s", stream=sys.stderr)
+    root = logging.getLogger()
+    if not any(isinstance(h, _EchoHandler) for h in root.handlers):
+        handler = _EchoHandler()
+        handler.setFormatter(logging.Formatter("lookalike: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
     level = logging.WARNING - 10 * min(verbose, 2)
     for name in ("indexer", "search"):
         logging.getLogger(name).setLevel(level)
@@ -79,19 +91,26 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, batch_si
 
 
 def _query_paths(images: tuple[str, ...]):
+    """Each argument as given: a file, a folder (its images), or - (such items on stdin)."""
     from indexer.scan import image_extensions, scan
 
     exts = image_extensions()
-    for item in images:
-        if item == "-":
-            for line in sys.stdin:
-                if line.strip():
-                    yield line.rstrip("\n")
-        elif os.path.isdir(item):
+
+    def expand(item: str):
+        if os.path.isdir(item):
             for f in scan([item], extensions=exts):
                 yield f.path
         else:
             yield item
+
+    for item in images:
+        if item == "-":
+            for line in sys.stdin:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield from expand(line)
+        else:
+            yield from expand(item)
 
 
 @main.command()
@@ -109,6 +128,8 @@ def query(images, k, db, as_json, device, weights) -> None:
     failures = 0
     try:
         with Searcher(db, device=device, weights=weights) as searcher:
+            if not len(searcher):
+                click.echo(f"lookalike: {searcher.store.path} holds no indexed image yet", err=True)
             for path in _query_paths(images):
                 try:
                     matches = searcher.search(path, k=k)

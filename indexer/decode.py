@@ -108,13 +108,13 @@ def open_image(source: "str | os.PathLike | Image.Image", longest: int,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(source, Image.Image):
-                return _decode(source, longest, max_pixels)
+                return _decode(source, longest, max_pixels, own=False)
             if os.path.getsize(source) == 0:
                 raise DecodeError("empty file")
             # Close the file on every path: Pillow keeps multi-frame files
             # (GIF, TIFF) and files that failed to load open otherwise.
             with Image.open(source) as im:
-                return _decode(im, longest, max_pixels)
+                return _decode(im, longest, max_pixels, own=True)
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -133,7 +133,8 @@ def open_image(source: "str | os.PathLike | Image.Image", longest: int,
         raise DecodeError(text) from None
 
 
-def _decode(im: Image.Image, longest: int, max_pixels: int) -> Decoded:
+def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool) -> Decoded:
+    """``own``: the image was opened here, so draft mode may shrink it in place."""
     w, h = im.size
     if w < 1 or h < 1:
         raise DecodeError(f"invalid size {w}x{h}")
@@ -144,7 +145,7 @@ def _decode(im: Image.Image, longest: int, max_pixels: int) -> Decoded:
     # EXIF orientation 5-8 swaps width and height.
     orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
     upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    if getattr(im, "format", None) == "JPEG":
+    if own and getattr(im, "format", None) == "JPEG":
         scale = longest / max(w, h)
         if scale < 1:
             im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import resolve_weights
+from .backbone import BackboneError, resolve_weights
 from .pooling import pool
 from .recipe import Recipe
 
@@ -71,8 +71,11 @@ class Encoder:
         if device == "cpu" and engine == "auto":
             try:
                 self._session = _onnx_session(recipe, path)
+            except BackboneError:
+                raise
             except Exception as exc:  # noqa: BLE001 - fall back to torch, which always works
-                log.warning("ONNX Runtime unavailable (%s); using PyTorch on the CPU", exc)
+                log.warning("ONNX Runtime unavailable (%s); using PyTorch on the CPU",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if self._session is None:
             import torch
 

@@ -13,7 +13,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise BackboneError(f"{path}: not a PyTorch weights file ({exc})") from None
+        # torch's own message is a paragraph about weights_only; the type says enough.
+        raise BackboneError(f"{path}: not a PyTorch weights file ({type(exc).__name__})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

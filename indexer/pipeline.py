@@ -73,7 +73,9 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
         items = buckets.pop(shape)
         buffered -= len(items)
         vecs = encoder.embed(np.stack([px for _, px, _, _ in items]))
-        return [Result(i, v, w, h) for (i, _, w, h), v in zip(items, vecs)]
+        return [Result(i, v, w, h) if np.isfinite(v).all()
+                else Result(i, None, error="the model gave a descriptor that is not finite")
+                for (i, _, w, h), v in zip(items, vecs)]
 
     failed: list[Result] = []
     for i, px, w, h, err in loader:

@@ -24,7 +24,10 @@ def spoc(x: np.ndarray) -> np.ndarray:
 
 def gem(x: np.ndarray, p: float = 3.0) -> np.ndarray:
     """Generalised mean: p = 1 is SPoC, p -> infinity is MAC."""
-    return np.power(np.power(np.maximum(x, EPS), p).mean(axis=(2, 3)), 1.0 / p)
+    x = np.maximum(x, EPS)
+    # Scaled by each channel's maximum so that x**p cannot overflow for large p.
+    top = x.max(axis=(2, 3), keepdims=True)
+    return top[:, :, 0, 0] * np.power(np.power(x / top, p).mean(axis=(2, 3)), 1.0 / p)
 
 
 def l2n(v: np.ndarray) -> np.ndarray:

@@ -63,20 +63,30 @@ def scan(
     *,
     include_hidden: bool = False,
     extensions: frozenset[str] | None = None,
+    unlisted: set[str] | None = None,
 ) -> Iterator[FileStat]:
     """Yield every image file under ``roots``, each physical file once.
 
     Symbolic links are followed; a directory already visited (by device and
     inode) is not entered again, which stops link loops. Hidden folders and
     files (name starting with '.') are skipped unless ``include_hidden``.
-    A root may also be a single file.
+    A root may also be a single file. Folders that cannot be listed are
+    logged and added to ``unlisted``, so a caller can tell "gone" from "unseen".
     """
     exts = extensions if extensions is not None else image_extensions()
+    if unlisted is None:
+        unlisted = set()
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
 
     def file_entry(path: str) -> FileStat | None:
         if Path(path).suffix.lower() not in exts:
+            return None
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # The database stores UTF-8 text; such a name cannot be kept or shown.
+            log.warning("%s: skipped: the file name is not valid UTF-8", ascii(path))
             return None
         try:
             st = os.stat(path)
@@ -111,6 +121,7 @@ def scan(
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as exc:
                 log.warning("%s: cannot list folder: %s", folder, exc.strerror or exc)
+                unlisted.add(folder)
                 continue
             subdirs = []
             for e in entries:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from sqlalchemy import (URL, BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine,
@@ -65,6 +67,41 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("lookalike")) / "lookalike.db"
 
 
+@contextmanager
+def writer_lock(db: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the one writer's lock of ``db``; yields whether it was acquired.
+
+    Index runs wait for each other (``wait``): two runs interleaving their
+    commits would each save a FAISS index missing the other's changes, under a
+    generation that looks current. A reader asks without waiting, to know
+    whether it may write the FAISS file. Without fcntl (not POSIX) there is no
+    lock and the caller is trusted.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(db.with_name(db.name + ".lock"), "a+")
+    except OSError as exc:
+        if not wait:
+            yield False
+            return
+        raise StoreError(f"{db}: cannot create the database here: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            log.warning("waiting for another index run on %s to finish", db)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield True
+
+
 def _alembic_config(connection):
     from alembic.config import Config
 
@@ -76,8 +113,12 @@ def _alembic_config(connection):
     return cfg
 
 
-def migrate(engine, db: str) -> None:
-    """Bring the schema to head in-process; refuse a schema newer than this code."""
+def migrate(engine, db: str, create: bool = True) -> None:
+    """Bring the schema to head in-process; refuse a schema newer than this code.
+
+    With ``create`` false, a file holding no lookalike schema is refused
+    rather than turned into a database.
+    """
     from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -92,6 +133,8 @@ def migrate(engine, db: str) -> None:
             raise StoreError(
                 f"{db}: schema revision {unknown[0]} is newer than this lookalike; upgrade lookalike"
             )
+        if not current and not create:
+            raise StoreError(f"{db}: not a lookalike database; run 'lookalike index' to make one")
         if set(current) != set(script.get_heads()):
             log.info("migrating %s from %s to %s", db, current or "empty", script.get_heads())
             command.upgrade(cfg, "head")
@@ -102,6 +145,23 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True):
         self.path = Path(path).expanduser().absolute()
+        try:
+            self._check_path(create)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: {exc.strerror or exc}") from None
+        self.engine = create_engine(URL.create("sqlite", database=str(self.path)))
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            migrate(self.engine, str(self.path), create)
+        except StoreError:
+            self.engine.dispose()
+            raise
+        except Exception as exc:  # noqa: BLE001 - sqlite3.DatabaseError and friends
+            self.engine.dispose()
+            msg = str(getattr(exc, "orig", exc)).splitlines()[0]
+            raise StoreError(f"{self.path}: not a usable lookalike database ({msg})") from None
+
+    def _check_path(self, create: bool) -> None:
         if not self.path.exists():
             if not create:
                 raise StoreError(f"{self.path}: no such database; run 'lookalike index' first")
@@ -111,17 +171,8 @@ class Store:
                 raise StoreError(f"{self.path}: cannot create folder: {exc.strerror}") from None
         elif self.path.is_dir():
             raise StoreError(f"{self.path}: is a folder, not a database file")
-        self.engine = create_engine(URL.create("sqlite", database=str(self.path)))
-        event.listen(self.engine, "connect", _sqlite_pragmas)
-        try:
-            migrate(self.engine, str(self.path))
-        except StoreError:
-            self.engine.dispose()
-            raise
-        except Exception as exc:  # noqa: BLE001 - sqlite3.DatabaseError and friends
-            self.engine.dispose()
-            msg = str(getattr(exc, "orig", exc)).splitlines()[0]
-            raise StoreError(f"{self.path}: not a usable lookalike database ({msg})") from None
+        elif not create and self.path.stat().st_size == 0:
+            raise StoreError(f"{self.path}: not a lookalike database (an empty file)")
 
     def close(self) -> None:
         self.engine.dispose()

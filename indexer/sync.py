@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from . import vectors
 from .decode import DEFAULT_MAX_PIXELS
 from .recipe import Recipe
 from .scan import FileStat, file_sha256, resolve_root, scan
-from .store import FAILED, OK, ImageRow, Store, StoreError, default_db_path, now
+from .store import FAILED, OK, ImageRow, Store, default_db_path, now, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +48,13 @@ def _under(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-@contextmanager
-def run_lock(db: Path):
-    """One index run per database at a time: a second one waits for the first.
-
-    Two runs interleaving their commits would each save a FAISS index missing
-    the other's changes, under a generation that looks current.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory locks, runs must not overlap
-        yield
-        return
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(db.with_name(db.name + ".lock"), "a+")
-    except OSError as exc:
-        raise StoreError(f"{db}: cannot create the database here: {exc.strerror or exc}") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("waiting for another index run on %s to finish", db)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+def _hidden_below(path: str, roots: Sequence[str]) -> bool:
+    """Whether a part of ``path`` below the root holding it starts with a dot."""
+    for root in roots:
+        if _under(path, [root]):
+            rest = os.path.relpath(path, root) if path != root else ""
+            return any(part.startswith(".") for part in Path(rest).parts)
+    return False
 
 
 def default_workers() -> int:
@@ -145,7 +127,7 @@ class Indexer:
         if not roots:
             raise ValueError("no folder to index")
         device = resolve_device(self.device)  # a bad device fails now, not after the scan
-        with run_lock(self.db):
+        with writer_lock(self.db):
             store = Store(self.db)
             try:
                 summary = self._index(store, roots, device, progress)
@@ -157,17 +139,30 @@ class Indexer:
     def _index(self, store: Store, roots: list[str], device: str,
                progress: Progress | None) -> Summary:
         recipe = self._recipe(store)
+        encoder = None
         with store.session() as s:
             if store.get_setting(s, "recipe") is None:
+                from .encoder import Encoder
+
+                # Load the model before the recipe is kept: bad weights must not
+                # leave a database bound to them.
+                encoder = Encoder(recipe, self.weights, device)
                 store.set_setting(s, "recipe", recipe.to_json())
                 s.commit()
         summary = Summary()
-        files = {f.path: f for f in scan(roots, include_hidden=self.include_hidden)}
+        unlisted: set[str] = set()
+        files = {f.path: f for f in scan(roots, include_hidden=self.include_hidden,
+                                         unlisted=unlisted)}
         with store.session() as s:
             rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
                                     ImageRow.sha256, ImageRow.status)).all()
         by_path = {r.path: r for r in rows}
-        missing = {r.path: r for r in rows if _under(r.path, roots) and r.path not in files}
+        # Swept: entries under the roots whose files are gone, but not those the scan
+        # could not see (an unreadable folder, a hidden path when hidden ones are skipped).
+        missing = {r.path: r for r in rows
+                   if _under(r.path, roots) and r.path not in files
+                   and not _under(r.path, list(unlisted))
+                   and (self.include_hidden or not _hidden_below(r.path, roots))}
         candidates: list[FileStat] = []
         for path, f in files.items():
             row = by_path.get(path)
@@ -179,7 +174,11 @@ class Indexer:
                     summary.unchanged += 1
             else:
                 candidates.append(f)
+        if not files:
+            log.warning("no image files under %s", ", ".join(roots))
         if not candidates and not missing:
+            if not vectors.is_current(store):
+                vectors.load(store, recipe.dim)  # rebuilds and saves a stale FAISS file
             return summary
 
         hashes, unreadable = self._hash(candidates)
@@ -206,7 +205,7 @@ class Indexer:
             for f in candidates:
                 if f.path in unreadable:
                     reason = unreadable[f.path]
-                    log.warning("%s: %s", f.path, reason)
+                    log.info("%s: %s", f.path, reason)
                     summary.failures.append((f.path, reason))
                     summary.failed += 1
                     self._fail(s, by_path.get(f.path), f, None, reason, index)
@@ -255,8 +254,8 @@ class Indexer:
             generation = store.generation(s)
 
         if to_embed:
-            generation = self._embed(store, recipe, device, to_embed, by_path, hashes, index, summary,
-                                     progress)
+            generation = self._embed(store, encoder or self._encoder(recipe, device), to_embed,
+                                     by_path, hashes, index, summary, progress)
         vectors.save(store, index, generation)
         return summary
 
@@ -293,12 +292,15 @@ class Indexer:
         if row is not None and row.status == OK:
             vectors.remove(index, [db_row.id])
 
-    def _embed(self, store: Store, recipe: Recipe, device: str, files: list[FileStat], by_path,
-               hashes, index, summary: Summary, progress: Progress | None) -> int:
+    def _encoder(self, recipe: Recipe, device: str):
         from .encoder import Encoder
+
+        return Encoder(recipe, self.weights, device)
+
+    def _embed(self, store: Store, encoder, files: list[FileStat], by_path, hashes, index,
+               summary: Summary, progress: Progress | None) -> int:
         from .pipeline import embed_files
 
-        encoder = Encoder(recipe, self.weights, device)
         log.info("embedding %d files with %s", len(files), encoder.engine)
         done = 0
         if progress:
@@ -312,7 +314,7 @@ class Indexer:
                     f = files[r.index]
                     row = by_path.get(f.path)
                     if r.vector is None:
-                        log.warning("%s: %s", f.path, r.error)
+                        log.info("%s: %s", f.path, r.error)
                         summary.failures.append((f.path, r.error))
                         summary.failed += 1
                         self._fail(s, row, f, hashes[f.path], r.error, index)

@@ -36,11 +36,22 @@ def rebuild(store: Store, dim: int):
     return index
 
 
-def load(store: Store, dim: int):
+def is_current(store: Store) -> bool:
+    """Whether the FAISS file on disk claims the database's generation and count (cheap)."""
+    try:
+        meta = json.loads(_meta_path(store.path).read_text())
+    except (OSError, ValueError):
+        return not store.count("ok") and not index_path(store.path).exists()
+    return (index_path(store.path).exists() and meta.get("generation") == store.generation()
+            and meta.get("count") == store.count("ok"))
+
+
+def load(store: Store, dim: int, save_rebuilt: bool = True):
     """The FAISS index for ``store``, read from disk if it matches the database, else rebuilt.
 
     A match means: the same embedding generation, the same dimension and the
-    same number of vectors as the database holds.
+    same number of vectors as the database holds. A rebuilt index is written
+    back only if ``save_rebuilt`` (the caller holds the writer's lock).
     """
     import faiss
 
@@ -65,6 +76,8 @@ def load(store: Store, dim: int):
     if why:
         log.warning("rebuilding the FAISS index from the database: %s", why)
     index = rebuild(store, dim)
+    if not save_rebuilt:
+        return index
     try:
         save(store, index, generation)
     except OSError as exc:  # a read-only folder: search from memory all the same

@@ -12,7 +12,7 @@ import numpy as np
 
 from indexer import vectors
 from indexer.decode import DEFAULT_MAX_PIXELS, open_image
-from indexer.store import Store, default_db_path
+from indexer.store import Store, default_db_path, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,16 @@ class Searcher:
         if generation == self._generation:
             return
         with self._lock:
-            if generation != self._generation:
-                cpu = vectors.load(self.store, self.recipe.dim)
-                self._cpu_index, self.index = cpu, vectors.to_device(cpu, self.device)
-                self._generation = generation
+            if generation == self._generation:
+                return
+            with writer_lock(self.store.path, wait=False) as writer:
+                if not writer and self._generation is not None:
+                    # An index run is under way: serve the index we have, rather than
+                    # rebuild after each of its batches; it saves a new one at the end.
+                    return
+                cpu = vectors.load(self.store, self.recipe.dim, save_rebuilt=writer)
+            self._cpu_index, self.index = cpu, vectors.to_device(cpu, self.device)
+            self._generation = generation
 
     def __enter__(self) -> "Searcher":
         return self
@@ -104,9 +110,10 @@ class Searcher:
         if isinstance(query, np.ndarray):
             from PIL import Image
 
-            if query.ndim != 3 or query.shape[2] != 3:
-                raise ValueError(f"an image array must be H x W x 3, not {query.shape}")
-            query = Image.fromarray(np.ascontiguousarray(query, dtype=np.uint8), "RGB")
+            if query.ndim != 3 or query.shape[2] != 3 or query.dtype != np.uint8:
+                raise ValueError(f"an image array must be H x W x 3 uint8, not {query.shape} "
+                                 f"{query.dtype}")
+            query = Image.fromarray(np.ascontiguousarray(query), "RGB")
         decoded = open_image(query, self.recipe.image_size, self.max_pixels)
         return self.encoder.embed(decoded.pixels)[0]
 
@@ -124,7 +131,11 @@ class Searcher:
             return [[] for _ in vecs]
         # FAISS on the GPU answers at most 2048 neighbours; the CPU copy has no limit.
         index = self.index if k <= 2048 else self._cpu_index
-        scores, ids = index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
+        vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
+        if vecs.shape[1] != self.recipe.dim:
+            raise ValueError(f"descriptors have {vecs.shape[1]} dims, the index {self.recipe.dim}")
+        vecs = np.ascontiguousarray(vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12))
+        scores, ids = index.search(vecs, k)
         rows = self.store.describe_ids(i for i in ids.ravel() if i >= 0)
         out = []
         for srow, irow in zip(scores, ids):

@@ -200,3 +200,27 @@ def test_a_folder_of_awkward_files_indexes_to_completion(tmp_path, db):
     scores = {r["path"]: r["score"] for r in json.loads(out)["results"]}
     assert scores[str(root / "rotated.jpg")] > 0.95
     assert scores[str(root / "cmyk.jpg")] > 0.8
+
+
+def test_query_edge_cases(photos, db, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("index", empty, "--db", db)
+    assert result.exit_code == 0 and "no image files under" in result.stderr
+    result = run("query", photos / "p0.jpg", "--db", db)
+    assert result.exit_code == 0 and "holds no indexed image yet" in result.stderr
+
+    assert run("index", photos, "--db", db, "--workers", "0").exit_code == 0
+    result = run("query", "-", "--db", db, "-k", "1", "--json",
+                 input=f"{photos / 'p0.jpg'}\r\n\r\n{photos / 'sub'}\r\n")
+    assert result.exit_code == 0, result.output
+    queries = [json.loads(line)["query"] for line in result.stdout.splitlines()]
+    assert queries == [str(photos / "p0.jpg"), str(photos / "sub" / "p5.png")]
+
+
+def test_info_refuses_a_file_that_is_not_a_database(tmp_path):
+    blank = tmp_path / "blank.db"
+    blank.touch()
+    result = run("info", "--db", blank)
+    assert result.exit_code == 1 and "not a lookalike database" in result.output
+    assert blank.stat().st_size == 0

@@ -219,3 +219,24 @@ def test_kill_9_mid_run_loses_nothing(tmp_path):
     faiss_agrees_with_db(db)
     with Searcher(db) as s:
         assert len(s) == n
+
+
+def test_unseen_entries_are_not_swept(photos, db):
+    save_photo(photos / ".hidden" / "h.png", seed=90)
+    assert index(db, photos, include_hidden=True).added == 7
+    # Skipping hidden paths this time does not mean they are gone.
+    summary = index(db, photos)
+    assert summary.removed == 0 and summary.unchanged == 6
+    with Searcher(db) as s:
+        assert len(s) == 7
+
+
+def test_a_name_that_is_not_utf8_is_skipped_not_fatal(photos, db):
+    raw = os.path.join(os.fsencode(photos), b"bad\xff.png")
+    with open(raw, "wb") as f:
+        from conftest import make_photo
+
+        make_photo(91).save(f, format="PNG")
+    summary = index(db, photos)
+    assert summary.added == 6 and summary.failed == 0
+    faiss_agrees_with_db(db)

@@ -199,3 +199,25 @@ def test_a_cpu_query_does_not_import_torch(photos, db, tmp_path):
                          capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split()
     assert out == [str(photos / "p0.jpg"), "False"]
+
+
+def test_large_gem_exponent_stays_finite(photos, db):
+    Indexer(db, gem_p=60, image_size=96, workers=0).index([photos])
+    with Searcher(db) as s:
+        vec = s.embed(photos / "p0.jpg")
+        assert np.isfinite(vec).all()
+        assert s.search(vec, k=1)[0].path == str(photos / "p0.jpg")
+
+
+def test_bad_weights_do_not_bind_a_new_database(photos, db):
+    with pytest.raises(BackboneError, match="not a PyTorch weights file") as exc:
+        Indexer(db, weights=photos / "p0.jpg", workers=0).index([photos])
+    assert "\n" not in str(exc.value)
+    summary = Indexer(db, image_size=96, workers=0).index([photos])
+    assert summary.added == 6
+
+
+def test_float_image_arrays_are_refused(photos, db):
+    Indexer(db, image_size=96, workers=0).index([photos])
+    with Searcher(db) as s, pytest.raises(ValueError, match="uint8"):
+        s.search(np.zeros((10, 10, 3), np.float32))
