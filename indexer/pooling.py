@@ -31,6 +31,7 @@ def gem(x: np.ndarray, p: float = 3.0) -> np.ndarray:
 
 
 def l2n(v: np.ndarray) -> np.ndarray:
+    """Rows of ``v`` scaled to unit length (a zero row stays zero)."""
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), EPS)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from indexer import vectors
 from indexer.decode import DEFAULT_MAX_PIXELS, open_image
-from indexer.store import Store, default_db_path, writer_lock
+from indexer.pooling import l2n
+from indexer.store import Store, StoreError, default_db_path, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class Searcher:
         try:
             recipe = self.store.recipe()
             if recipe is None:
-                raise vectors_error(self.store.path)
+                raise StoreError(f"{self.store.path}: the database holds no index yet; "
+                                 "run 'lookalike index' first")
             self.recipe = recipe
             self.device = resolve_device(device)
             self._lock = threading.Lock()
@@ -106,7 +108,7 @@ class Searcher:
             if query.shape[0] != self.recipe.dim:
                 raise ValueError(f"descriptor has {query.shape[0]} dims, the index {self.recipe.dim}")
             vec = query.astype(np.float32)
-            return vec / max(float(np.linalg.norm(vec)), 1e-12)
+            return l2n(vec)
         if isinstance(query, np.ndarray):
             from PIL import Image
 
@@ -134,7 +136,7 @@ class Searcher:
         vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
         if vecs.shape[1] != self.recipe.dim:
             raise ValueError(f"descriptors have {vecs.shape[1]} dims, the index {self.recipe.dim}")
-        vecs = np.ascontiguousarray(vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12))
+        vecs = np.ascontiguousarray(l2n(vecs))
         scores, ids = index.search(vecs, k)
         rows = self.store.describe_ids(i for i in ids.ravel() if i >= 0)
         out = []
@@ -152,9 +154,3 @@ class Searcher:
         """Search each query in turn; yields one result list per query."""
         for q in queries:
             yield self.search(q, k)
-
-
-def vectors_error(path: Path) -> Exception:
-    from indexer.store import StoreError
-
-    return StoreError(f"{path}: the database holds no index yet; run 'lookalike index' first")

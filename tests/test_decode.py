@@ -212,10 +212,16 @@ def test_palette(tmp_path: Path):
     assert np.array_equal(d.pixels, rgb(src))
 
 
-def test_palette_with_transparency_is_white(tmp_path: Path):
+def half_transparent(colour: tuple[int, int, int]) -> Image.Image:
+    """A 20x10 palette image: left half palette index 0 (to be transparent), right half ``colour``."""
     im = Image.new("P", (20, 10), 0)
-    im.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    im.putpalette([0, 0, 0, *colour] + [0, 0, 0] * 254)
     im.paste(1, (10, 0, 20, 10))
+    return im
+
+
+def test_palette_with_transparency_is_white(tmp_path: Path):
+    im = half_transparent((255, 0, 0))
     path = tmp_path / "t.png"
     im.save(path, transparency=0)
     with Image.open(path) as check:
@@ -344,9 +350,7 @@ def test_gif_first_frame(tmp_path: Path):
 
 
 def test_gif_with_transparency(tmp_path: Path):
-    im = Image.new("P", (20, 10), 0)
-    im.putpalette([0, 0, 0, 0, 0, 255] + [0, 0, 0] * 254)
-    im.paste(1, (10, 0, 20, 10))
+    im = half_transparent((0, 0, 255))
     path = tmp_path / "t.gif"
     im.save(path, transparency=0)
     d = open_image(path, 20)
