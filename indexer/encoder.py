@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -124,11 +125,30 @@ def raise_mismatch(recipe: Recipe, sha: str) -> None:
 
 
 def _onnx_session(recipe: Recipe, weights_file: Path):
+    path = cache_dir() / f"{recipe.model}-{recipe.layer}-{recipe.weights_sha256[:16]}-op{ONNX_OPSET}.onnx"
+    if path.exists():
+        try:
+            return _load_onnx(path)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache file is only a cache
+            log.warning("the cached model %s is unusable (%s); exporting it again", path,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    try:
+        _export(recipe, weights_file, path)
+    except OSError as exc:
+        # A read-only or full cache folder must not stop a query: export to a
+        # temporary folder for this process only.
+        log.warning("cannot write the model cache in %s (%s); using a temporary copy",
+                    path.parent, exc.strerror or exc)
+        with tempfile.TemporaryDirectory(prefix="lookalike-onnx-") as tmp:
+            path = Path(tmp) / path.name
+            _export(recipe, weights_file, path)
+            return _load_onnx(path)
+    return _load_onnx(path)
+
+
+def _load_onnx(path: Path):
     import onnxruntime as ort
 
-    path = cache_dir() / f"{recipe.model}-{recipe.layer}-{recipe.weights_sha256[:16]}-op{ONNX_OPSET}.onnx"
-    if not path.exists():
-        _export(recipe, weights_file, path)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = os.cpu_count() or 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from contextlib import contextmanager
+import socket
+import sqlite3
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -74,22 +76,25 @@ def writer_lock(db: Path, wait: bool = True) -> Iterator[bool]:
     Index runs wait for each other (``wait``): two runs interleaving their
     commits would each save a FAISS index missing the other's changes, under a
     generation that looks current. A reader asks without waiting, to know
-    whether it may write the FAISS file. Without fcntl (not POSIX) there is no
-    lock and the caller is trusted.
+    whether it may write the FAISS file. The holder writes its process id and
+    start time into the lock file, so a waiting run can say whom it waits for.
+    Without fcntl (not POSIX) there is no lock and the caller is trusted.
     """
     try:
         import fcntl
     except ImportError:
         yield True
         return
+    lock_path = db.with_name(db.name + ".lock")
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(db.with_name(db.name + ".lock"), "a+")
+        handle = open(lock_path, "a+")
     except OSError as exc:
         if not wait:
             yield False
             return
-        raise StoreError(f"{db}: cannot create the database here: {exc.strerror or exc}") from None
+        what = "write to this folder" if db.exists() else "create the database here"
+        raise StoreError(f"{db}: cannot {what}: {exc.strerror or exc}") from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,9 +102,29 @@ def writer_lock(db: Path, wait: bool = True) -> Iterator[bool]:
             if not wait:
                 yield False
                 return
-            log.warning("waiting for another index run on %s to finish", db)
+            log.warning("waiting for %s on %s to finish", lock_holder(db) or "another lookalike process", db)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield True
+        if wait:  # the holder is an index run, not a reader checking in passing
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()} {socket.gethostname()} {now().isoformat(timespec='seconds')}\n")
+            handle.flush()
+        try:
+            yield True
+        finally:
+            if wait:
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
+
+
+def lock_holder(db: Path) -> str | None:
+    """'index run pid N on HOST since TIME (UTC)' for the run holding ``db``'s lock, if it says."""
+    try:
+        pid, host, since = db.with_name(db.name + ".lock").read_text().split()[:3]
+    except (OSError, ValueError):
+        return None
+    return f"index run pid {pid} on {host} since {since.replace('T', ' ')} UTC"
 
 
 def _alembic_config(connection):
@@ -113,11 +138,12 @@ def _alembic_config(connection):
     return cfg
 
 
-def migrate(engine, db: str, create: bool = True) -> None:
+def migrate(engine, db: str, create: bool = True, upgrade: bool = True) -> None:
     """Bring the schema to head in-process; refuse a schema newer than this code.
 
     With ``create`` false, a file holding no lookalike schema is refused
-    rather than turned into a database.
+    rather than turned into a database; with ``upgrade`` false (read-only),
+    so is an older schema.
     """
     from alembic import command
     from alembic.runtime.migration import MigrationContext
@@ -136,12 +162,20 @@ def migrate(engine, db: str, create: bool = True) -> None:
         if not current and not create:
             raise StoreError(f"{db}: not a lookalike database; run 'lookalike index' to make one")
         if set(current) != set(script.get_heads()):
+            if not upgrade:
+                raise StoreError(f"{db}: the database needs upgrading, but it is read-only here; "
+                                 "run any lookalike command where it is writable")
             log.info("migrating %s from %s to %s", db, current or "empty", script.get_heads())
             command.upgrade(cfg, "head")
 
 
 class Store:
-    """Open (creating or upgrading) a lookalike database."""
+    """Open (creating or upgrading) a lookalike database.
+
+    With ``create`` false (a reader), a database in a folder this process may
+    not write to is opened read-only: SQLite's WAL mode would otherwise need
+    to create its shared-memory file beside it.
+    """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True):
         self.path = Path(path).expanduser().absolute()
@@ -149,10 +183,18 @@ class Store:
             self._check_path(create)
         except OSError as exc:
             raise StoreError(f"{self.path}: {exc.strerror or exc}") from None
-        self.engine = create_engine(URL.create("sqlite", database=str(self.path)))
-        event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.read_only = not _writable(self.path)
+        if self.read_only and create:
+            what = "file" if os.access(self.path.parent, os.W_OK | os.X_OK) else "folder"
+            raise StoreError(f"{self.path}: cannot write to the database: its {what} is read-only")
+        if self.read_only:
+            log.info("%s: the folder is not writable; opening the database read-only", self.path)
+            self.engine = _read_only_engine(self.path)
+        else:
+            self.engine = create_engine(URL.create("sqlite", database=str(self.path)))
+            event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            migrate(self.engine, str(self.path), create)
+            migrate(self.engine, str(self.path), create, upgrade=not self.read_only)
         except StoreError:
             self.engine.dispose()
             raise
@@ -249,6 +291,39 @@ class Store:
             return [tuple(r) for r in s.execute(
                 select(ImageRow.path, ImageRow.error).where(ImageRow.status == FAILED)
                 .order_by(ImageRow.path)).all()]
+
+
+def _writable(path: Path) -> bool:
+    """Whether SQLite can write ``path`` and create its -wal and -shm files beside it."""
+    return os.access(path.parent, os.W_OK | os.X_OK) and (
+        not path.exists() or os.access(path, os.W_OK))
+
+
+def _read_only_engine(path: Path):
+    """An engine that never writes: mode=ro when the WAL's -shm file can be used, else
+    immutable=1 (SQLite then ignores any -wal file, whose changes would be missing)."""
+    from urllib.parse import quote
+
+    uri = "file:" + quote(str(path))
+    shm = path.with_name(path.name + "-shm")
+    wal = path.with_name(path.name + "-wal")
+    try:
+        with closing(sqlite3.connect(uri + "?mode=ro", uri=True)) as probe:
+            probe.execute("select count(*) from sqlite_master").fetchall()
+        mode = "mode=ro"
+    except sqlite3.Error:
+        mode = "mode=ro&immutable=1"
+        if wal.exists() and wal.stat().st_size:
+            log.warning("%s: its -wal file holds changes that a read-only open cannot see "
+                        "(%s is missing); run 'lookalike index' where the folder is writable",
+                        path, shm.name)
+
+    def connect():
+        con = sqlite3.connect(f"{uri}?{mode}", uri=True, check_same_thread=False)
+        con.execute("PRAGMA busy_timeout=30000")
+        return con
+
+    return create_engine("sqlite://", creator=connect)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -99,6 +99,11 @@ def save(store: Store, index, generation: int) -> None:
 
 def _write_atomically(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp makes the file private (0600); give it the mode the database got
+    # from the umask, so other users who may read the database may read this too.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     os.close(fd)
     try:
         write(tmp)

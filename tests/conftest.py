@@ -66,3 +66,41 @@ def png_header(width: int, height: int, mode_bits: tuple[int, int] = (8, 0)) -> 
     ihdr = struct.pack(">IIBBBBB", width, height, mode_bits[0], mode_bits[1], 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
             + chunk(b"IEND", b""))
+
+
+def _drop_file_privileges() -> None:
+    """In a child about to exec: give up root's power to ignore file permissions.
+
+    As root, chmod does not keep a process out; dropping CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH and CAP_FOWNER from the bounding set makes the exec'd
+    program obey permission bits like any user, without changing its uid (so
+    it can still run a Python installed under /root).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def run_unprivileged(args: list[str], **kw):
+    """subprocess.run ``args`` so that file permissions apply to it, even when we are root.
+
+    Skips the calling test where that cannot be arranged (root without CAP_SETPCAP, or
+    no POSIX permissions at all).
+    """
+    import subprocess
+    import sys
+
+    if os.name == "nt":
+        pytest.skip("needs POSIX file permissions")
+    if os.geteuid() == 0:
+        if not sys.platform.startswith("linux"):
+            pytest.skip("as root, needs Linux capabilities to test permissions")
+        try:
+            subprocess.run(["true"], preexec_fn=_drop_file_privileges, check=True)
+        except (OSError, subprocess.SubprocessError):
+            pytest.skip("cannot drop root's file privileges here")
+        kw["preexec_fn"] = _drop_file_privileges
+    return subprocess.run(args, capture_output=True, text=True, **kw)

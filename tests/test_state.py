@@ -1,0 +1,144 @@
+"""Damaged or awkward state on disk, and readers running beside a writer."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from conftest import run_unprivileged, save_photo
+from indexer import Indexer, vectors
+from indexer.store import Store, writer_lock
+from search import Searcher
+
+REPO = Path(__file__).resolve().parents[1]
+LOOKALIKE = [sys.executable, "-c", "import cli; cli.main()"]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def index(db: Path, *roots: Path) -> None:
+    Indexer(db, workers=0).index(roots)
+
+
+def test_a_database_in_a_read_only_folder_is_queried_read_only(photos, tmp_path):
+    folder = tmp_path / "ro"
+    db = folder / "index.db"
+    index(db, photos)
+    folder.chmod(0o555)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        result = run_unprivileged(LOOKALIKE + ["query", str(photos / "p1.jpg"), "--db", str(db),
+                                               "-k", "2", "--json"], cwd=REPO, env=env)
+        assert result.returncode == 0, result.stderr
+        top = json.loads(result.stdout)["results"]
+        assert top[0]["path"] == str(photos / "p1.jpg") and top[0]["score"] > 0.999
+        assert "Traceback" not in result.stderr
+
+        result = run_unprivileged(LOOKALIKE + ["info", "--db", str(db), "--json"], cwd=REPO, env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["counts"]["ok"] == 6
+
+        result = run_unprivileged(LOOKALIKE + ["index", str(photos), "--db", str(db)],
+                                  cwd=REPO, env=env)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"Error: {db}: cannot write to the database: "
+                                         "its folder is read-only")
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "index.db", "index.db.faiss", "index.db.faiss.json", "index.db.lock"]
+    finally:
+        folder.chmod(0o755)
+
+
+def test_files_written_beside_the_database_are_readable_by_others(photos, db):
+    # The database follows the umask; the FAISS file must too, or other users rebuild it.
+    old = os.umask(0o022)
+    try:
+        index(db, photos)
+    finally:
+        os.umask(old)
+    for path in (db, vectors.index_path(db)):
+        assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_a_truncated_faiss_file_is_rebuilt(photos, db, caplog):
+    index(db, photos)
+    path = vectors.index_path(db)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with Searcher(db) as s:
+        assert len(s) == 6
+        assert s.search(photos / "p2.jpg", k=1)[0].path == str(photos / "p2.jpg")
+    assert "rebuilding the FAISS index from the database: it could not be read" in caplog.text
+    assert faiss.read_index(str(path)).ntotal == 6
+
+
+def test_a_waiting_index_run_names_the_run_holding_the_lock(photos, db):
+    index(db, photos)
+    save_photo(photos / "new.jpg", seed=40)
+    outcome = {}
+    with writer_lock(db):
+        worker = threading.Thread(target=lambda: outcome.setdefault(
+            "result", run("index", photos, "--db", db, "--workers", "0")))
+        worker.start()
+        time.sleep(3)
+        # Still waiting: nothing can be added while the lock is held.
+        assert worker.is_alive()
+        with sqlite3.connect(db) as con:
+            assert con.execute("select count(*) from images").fetchone()[0] == 6
+    worker.join(120)
+    result = outcome["result"]
+    assert result.exit_code == 0, result.output
+    assert f"waiting for index run pid {os.getpid()} on " in result.output
+    assert "1 added" in result.output
+    # The lock file no longer names a holder once the run is over.
+    assert db.with_name(db.name + ".lock").read_text() == ""
+
+
+def test_queries_during_an_index_run_see_committed_states(tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(4):
+        save_photo(photos / f"p{i:02d}.jpg", seed=500 + i)
+    db = tmp_path / "index.db"
+    index(db, photos)
+    for i in range(4, 24):
+        save_photo(photos / f"p{i:02d}.jpg", seed=500 + i)
+
+    proc = subprocess.Popen(LOOKALIKE + ["index", str(photos), "--db", str(db), "--workers", "0",
+                                         "--batch-size", "2"], cwd=REPO, stderr=subprocess.PIPE)
+    held = Searcher(db)
+    sizes, errors = [], []
+    try:
+        while proc.poll() is None:
+            try:
+                with Searcher(db) as fresh:
+                    for s in (fresh, held):
+                        matches = s.search(photos / "p00.jpg", k=30)
+                        paths = [m.path for m in matches]
+                        assert len(paths) == len(set(paths))
+                        assert all(Path(p).exists() for p in paths)
+                        sizes.append(len(s))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported below
+                errors.append(repr(exc))
+        assert proc.returncode == 0, proc.stderr.read().decode()
+        assert not errors, errors[:3]
+        assert len(sizes) >= 4
+        # A held Searcher picks up the finished run without a restart.
+        assert len(held) in (4, 24)
+        held.search(photos / "p00.jpg", k=1)
+        assert len(held) == 24
+    finally:
+        held.close()
+        if proc.poll() is None:
+            proc.kill()
