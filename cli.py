@@ -174,5 +174,47 @@ def info(db, as_json) -> None:
         click.echo(f"failed     {f['path']}: {f['reason']}")
 
 
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--repair", is_flag=True, help="Mend what can be mended: rebuild the FAISS file, drop "
+              "rows of vanished files, embed again what is stale or damaged.")
+@click.option("--sample", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Embeddings to recompute and compare (files unchanged on disk).")
+@click.option("--all", "everything", is_flag=True, help="Recompute and compare every embedding.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
+def check(db, repair, sample, everything, as_json, device, weights) -> None:
+    """Check that the database, the FAISS file and the image files agree; exit 1 if they do not."""
+    from indexer.check import check as run_check
+
+    try:
+        report = run_check(db, repair=repair, sample=-1 if everything else sample,
+                           weights=weights, device=device)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        for p in report.problems:
+            click.echo(("fixed: " if p.fixed else "") + p.line())
+        faiss = "no FAISS file" if report.faiss_vectors is None else f"{report.faiss_vectors} in FAISS"
+        click.echo(f"{report.rows} indexed images ({faiss}), {report.failed_rows} failed, "
+                   f"{report.files_checked} files checked, {report.recomputed} embeddings recomputed")
+        left, found = report.remaining, len(report.problems)
+        plural = "s" if found != 1 else ""
+        fixable = sum(p.fixable for p in left)
+        if not found:
+            click.echo("all consistent")
+        elif not left:
+            click.echo(f"{found} problem{plural}, all fixed")
+        elif fixable and not repair:
+            click.echo(f"{len(left)} problem{plural}; 'lookalike check --repair' fixes {fixable} of them")
+        else:
+            click.echo(f"{len(left)} problem{plural} left that --repair cannot fix")
+    if not report.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -93,7 +93,10 @@ def save(store: Store, index, generation: int) -> None:
     _write_atomically(path, lambda tmp: faiss.write_index(index, tmp))
     # Written second: a crash in between leaves an old generation, which
     # only costs a rebuild on the next open.
-    meta = json.dumps({"generation": generation, "count": int(index.ntotal), "dim": int(index.d)})
+    recipe = store.recipe()
+    # The recipe travels with the vectors, so a changed recipe in the database shows.
+    meta = json.dumps({"generation": generation, "count": int(index.ntotal), "dim": int(index.d),
+                       "recipe": recipe.to_json() if recipe else None})
     _write_atomically(meta_path, lambda tmp: Path(tmp).write_text(meta))
 
 

@@ -1,0 +1,420 @@
+"""Check that the database, the FAISS file and the files on disk agree; mend what can be mended.
+
+The database is the source of truth. What can always be rebuilt from it (the
+FAISS file) is rebuilt; rows whose files are gone are dropped; rows whose
+embedding is damaged, stale or not reproducible are embedded again from their
+file. A good embedding is never deleted: a row is only dropped when its file
+is gone, and replaced only by a fresh computation from the same file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, select, text
+
+from . import vectors
+from .recipe import Recipe
+from .scan import file_sha256
+from .store import FAILED, OK, ImageRow, Store, StoreError, default_db_path, lock_holder, now, writer_lock
+
+log = logging.getLogger(__name__)
+
+# Cosine below which a stored embedding is taken to differ from a fresh one. ONNX
+# Runtime and torch agree to 1e-6; fp16 on a GPU to about 1e-3.
+SAME_COSINE = 0.995
+
+
+@dataclass
+class Problem:
+    """One disagreement, in one line; ``fixed`` once --repair has mended it."""
+
+    what: str  # database, recipe, faiss, row, file, temp
+    message: str
+    fixable: bool = True
+    fixed: bool = False
+
+    def line(self) -> str:
+        return f"{self.what}: {self.message}"
+
+
+@dataclass
+class Report:
+    """What ``check`` looked at and what it found."""
+
+    database: str
+    rows: int = 0
+    failed_rows: int = 0
+    faiss_vectors: int | None = None
+    files_checked: int = 0
+    recomputed: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> list[Problem]:
+        return [p for p in self.problems if not p.fixed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.remaining
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+class _Repairs:
+    """Row-level mends collected while checking, applied in one transaction."""
+
+    def __init__(self):
+        self.drop: dict[int, Problem] = {}
+        self.reembed: dict[int, list[Problem]] = {}
+        self.rebuild_faiss: list[Problem] = []
+        self.restore_recipe: tuple[Recipe, Problem] | None = None
+
+    def add_reembed(self, row_id: int, problem: Problem) -> None:
+        self.reembed.setdefault(row_id, []).append(problem)
+
+
+def check(db: str | os.PathLike | None = None, *, repair: bool = False, sample: int = 32,
+          weights: str | os.PathLike | None = None, device: str = "auto") -> Report:
+    """Verify the database at ``db`` against its FAISS file and the files on disk.
+
+    ``sample`` embeddings (of files unchanged on disk) are recomputed and
+    compared; a negative ``sample`` recomputes all of them. With ``repair``,
+    every fixable problem is mended and the FAISS file rebuilt.
+    """
+    from .encoder import resolve_device
+
+    device = resolve_device(device)
+    store = Store(Path(db).expanduser() if db else default_db_path(), create=False)
+    try:
+        if repair and store.read_only:
+            raise StoreError(f"{store.path}: cannot repair: the database's folder is read-only")
+        with writer_lock(store.path, wait=repair) as held:
+            if not held and not store.read_only:
+                raise StoreError(f"{store.path}: {lock_holder(store.path) or 'an index run'} is "
+                                 "working on it; check it when that has finished")
+            return _Checker(store, weights, device, sample).run(repair)
+    finally:
+        store.close()
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class _Checker:
+    def __init__(self, store: Store, weights, device: str, sample: int):
+        self.store, self.weights, self.device, self.sample = store, weights, device, sample
+        self.report = Report(str(store.path))
+        self.fix = _Repairs()
+        self.recipe: Recipe | None = None
+        self.faiss_recipe: Recipe | None = None  # the recipe the FAISS file says it was built with
+        self.recompute_all: Problem | None = None
+        self.unreachable: set[int] = set()  # rows whose files cannot be looked at now: kept as they are
+        self._encoders: dict[Recipe, object] = {}
+
+    def problem(self, what: str, message: str, fixable: bool = True) -> Problem:
+        p = Problem(what, message, fixable)
+        self.report.problems.append(p)
+        log.info("%s", p.line())
+        return p
+
+    def run(self, repair: bool) -> Report:
+        if not self._integrity():
+            return self.report
+        self.recipe = self.store.recipe()
+        if self.recipe is None:
+            self.problem("recipe", "the database holds no recipe: nothing was ever indexed",
+                         fixable=False)
+            return self.report
+        self._temp_files()
+        rows = self._rows()
+        self._faiss(rows)
+        self._recompute(rows)
+        if repair:
+            self._repair(rows)
+        return self.report
+
+    # -- the checks, in order ---------------------------------------------
+    def _integrity(self) -> bool:
+        with self.store.engine.connect() as conn:
+            result = [r[0] for r in conn.execute(text("PRAGMA quick_check"))]
+        if result != ["ok"]:
+            self.problem("database", f"SQLite finds the file damaged ({result[0]}); restore it from a "
+                         "backup or index again into a new database", fixable=False)
+            return False
+        return True
+
+    def _temp_files(self) -> None:
+        """Temporary files left by a killed run: harmless, but they take space."""
+        name = vectors.index_path(self.store.path).name
+        for tmp in sorted(self.store.path.parent.glob(f".{name}*.tmp")):
+            self.fix.rebuild_faiss.append(self.problem(
+                "temp", f"{tmp}: a temporary file left by an interrupted run"))
+
+    def _rows(self) -> dict[int, _Row]:
+        """Every indexed row, checked against its embedding and its file on disk."""
+        dim = self.recipe.dim
+        rows: dict[int, _Row] = {}
+        with self.store.session() as s:
+            self.report.failed_rows = len(s.execute(
+                select(ImageRow.id).where(ImageRow.status == FAILED)).all())
+            result = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
+                                      ImageRow.embedding)
+                               .where(ImageRow.status == OK).order_by(ImageRow.id)
+                               .execution_options(yield_per=4096))
+            for r in result:
+                row = rows[r.id] = _Row(r.id, r.path, r.size, r.mtime_ns)
+                reason = _embedding_fault(r.embedding, dim)
+                if reason:
+                    self.fix.add_reembed(row.id, self.problem("row", f"{row.path} (id {row.id}): {reason}"))
+                self._file(row)
+        self.report.rows = len(rows)
+        return rows
+
+    def _file(self, row: _Row) -> None:
+        self.report.files_checked += 1
+        try:
+            st = os.stat(row.path)
+        except FileNotFoundError:
+            folder = os.path.dirname(row.path)
+            if os.path.isdir(folder):
+                self.fix.drop[row.id] = self.problem("file", f"{row.path}: the file is gone")
+            else:
+                # Perhaps a drive that is not mounted now: keep what was indexed.
+                self.unreachable.add(row.id)
+                self.problem("file", f"{row.path}: its folder is gone too (a drive not mounted?); "
+                             "kept until 'lookalike index' runs on it again", fixable=False)
+            return
+        except OSError as exc:
+            self.unreachable.add(row.id)
+            self.problem("file", f"{row.path}: cannot read: {exc.strerror or exc}", fixable=False)
+            return
+        if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
+            self.fix.add_reembed(row.id, self.problem(
+                "file", f"{row.path}: changed on disk since it was indexed"))
+
+    def _faiss(self, rows: dict[int, _Row]) -> None:
+        import faiss
+
+        path = vectors.index_path(self.store.path)
+        if not path.exists():
+            if rows:
+                self.fix.rebuild_faiss.append(self.problem("faiss", f"{path}: the FAISS file is missing"))
+            return
+        try:
+            index = faiss.read_index(str(path))
+            meta = json.loads(path.with_name(path.name + ".json").read_text())
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.fix.rebuild_faiss.append(self.problem("faiss", f"{path}: unreadable ({reason})"))
+            return
+        self.report.faiss_vectors = int(index.ntotal)
+        if meta.get("recipe") and meta["recipe"] != self.recipe.to_json():
+            self.faiss_recipe = Recipe.from_json(meta["recipe"])
+            diff = "; ".join(d.replace("index has ", "FAISS file has ").replace("asked for ", "database ")
+                             for d in self.faiss_recipe.differences(self.recipe))
+            self.fix.rebuild_faiss.append(self.problem(
+                "recipe", f"the database's recipe is not the one its FAISS file was built with ({diff})"))
+        faults = []
+        if meta.get("generation") != self.store.generation():
+            faults.append(f"it is at generation {meta.get('generation')}, the database at "
+                          f"{self.store.generation()}")
+        if index.d != self.recipe.dim:
+            faults.append(f"its vectors have {index.d} dims, the recipe {self.recipe.dim}")
+        else:
+            ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+            position = {int(i): n for n, i in enumerate(ids)}
+            have, want = set(position), set(rows)
+            if len(have) != len(ids):
+                faults.append(f"it holds {len(ids) - len(have)} duplicate ids")
+            if have - want:
+                faults.append(f"it holds {len(have - want)} ids the database does not "
+                              f"(e.g. {min(have - want)})")
+            if want - have:
+                faults.append(f"it lacks {len(want - have)} of the database's images "
+                              f"(e.g. id {min(want - have)})")
+            differ = 0
+            held = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else None
+            for db_ids, db_vecs in self.store.embeddings():
+                for i, vec in zip(db_ids.tolist(), db_vecs):
+                    n = position.get(i)
+                    if n is not None and not np.allclose(held[n], vec, atol=1e-6):
+                        differ += 1
+            if differ:
+                faults.append(f"{differ} of its vectors differ from the database's")
+        if faults:
+            self.fix.rebuild_faiss.append(self.problem("faiss", f"{path}: {'; '.join(faults)}"))
+
+    def _stored(self, ids: list[int]) -> dict[int, np.ndarray]:
+        with self.store.session() as s:
+            return {r.id: np.frombuffer(r.embedding, np.float32)
+                    for start in range(0, len(ids), 900)
+                    for r in s.execute(select(ImageRow.id, ImageRow.embedding)
+                                       .where(ImageRow.id.in_(ids[start:start + 900])))}
+
+    def _recompute(self, rows: dict[int, _Row]) -> None:
+        """Recompute a sample of embeddings of unchanged files and compare."""
+        skip = self.fix.drop.keys() | self.fix.reembed.keys() | self.unreachable
+        candidates = [r for r in rows.values() if r.id not in skip]
+        if 0 <= self.sample < len(candidates):
+            candidates = random.Random(0).sample(candidates, self.sample)
+        if not candidates:
+            return
+        fresh = self._embed(self.recipe, [r.path for r in candidates])
+        if fresh is None:
+            return
+        self.report.recomputed += len(candidates)
+        stored = self._stored([r.id for r in candidates])
+        differ = []
+        for row, (vec, error) in zip(candidates, fresh):
+            if vec is None:
+                self.fix.add_reembed(row.id, self.problem(
+                    "file", f"{row.path}: cannot be read now: {error}"))
+                continue
+            cos = float(np.dot(vec, stored[row.id]))
+            if cos < SAME_COSINE:
+                differ.append((row, cos))
+        if not differ:
+            return
+        if len(differ) == len(candidates) and self.faiss_recipe is not None:
+            # Every sample disagrees: perhaps the recipe changed, not the embeddings.
+            probe = differ[:4]
+            before = self._embed(self.faiss_recipe, [r.path for r, _ in probe])
+            if before and all(v is not None and float(np.dot(v, stored[r.id])) >= SAME_COSINE
+                              for (r, _), (v, _) in zip(probe, before)):
+                p = self.problem("recipe", "the stored embeddings were made with the FAISS file's "
+                                 "recipe: restore it")
+                self.fix.restore_recipe = (self.faiss_recipe, p)
+                return
+        for row, cos in differ:
+            self.fix.add_reembed(row.id, self.problem(
+                "row", f"{row.path} (id {row.id}): its embedding differs from a fresh computation "
+                f"(cosine {cos:.3f})"))
+        if len(candidates) < len(rows):
+            # Bad embeddings in a sample mean the rest cannot be trusted either.
+            self.recompute_all = self.problem(
+                "row", f"{len(differ)} of {len(candidates)} sampled embeddings differ from a fresh "
+                f"computation; the other {len(rows) - len(candidates)} are suspect too")
+
+    # -- repair -----------------------------------------------------------
+    def _repair(self, rows: dict[int, _Row]) -> None:
+        fix = self.fix
+        if fix.restore_recipe:
+            recipe, problem = fix.restore_recipe
+            with self.store.session() as s:
+                self.store.set_setting(s, "recipe", recipe.to_json())
+                s.commit()
+            self.recipe = recipe
+            problem.fixed = True
+        if self.recompute_all:
+            log.warning("recomputing all %d embeddings", len(rows))
+            for row_id in rows:
+                if row_id not in fix.drop and row_id not in self.unreachable:
+                    fix.reembed.setdefault(row_id, [self.recompute_all])
+        if fix.drop:
+            with self.store.session() as s:
+                ids = list(fix.drop)
+                for start in range(0, len(ids), 500):
+                    s.execute(delete(ImageRow).where(ImageRow.id.in_(ids[start:start + 500])))
+                self.store.bump_generation(s)
+                s.commit()
+            for p in fix.drop.values():
+                p.fixed = True
+        if fix.reembed:
+            self._reembed(rows)
+        if fix.drop or fix.reembed or fix.rebuild_faiss or fix.restore_recipe:
+            index = vectors.rebuild(self.store, self.recipe.dim)
+            vectors.save(self.store, index, self.store.generation())
+            name = vectors.index_path(self.store.path).name
+            for tmp in self.store.path.parent.glob(f".{name}*.tmp"):
+                tmp.unlink(missing_ok=True)
+            for p in fix.rebuild_faiss:
+                p.fixed = True
+            self.report.faiss_vectors = int(index.ntotal)
+            self.report.rows = self.store.count(OK)
+            self.report.failed_rows = self.store.count(FAILED)
+
+    def _reembed(self, rows: dict[int, _Row]) -> None:
+        ids = list(self.fix.reembed)
+        fresh = self._embed(self.recipe, [rows[i].path for i in ids])
+        if fresh is None:
+            return
+        with self.store.session() as s:
+            for row_id, (vec, error) in zip(ids, fresh):
+                row = s.get(ImageRow, row_id)
+                try:
+                    st = os.stat(row.path)
+                    sha = file_sha256(row.path)
+                except OSError as exc:
+                    vec, error, st, sha = None, f"cannot read: {exc.strerror or exc}", None, None
+                if vec is None and sha is not None and sha == row.sha256 and row.embedding:
+                    # Same bytes as when it was embedded, but not decodable here (a
+                    # plugin missing?): the stored embedding is still the good one.
+                    for p in self.fix.reembed[row_id]:
+                        p.fixable = False
+                        p.message += "; kept, since the file is unchanged"
+                    continue
+                if vec is None:
+                    # The file is there but no longer an image: its old embedding
+                    # described other content, so it was not a good one.
+                    row.status, row.error, row.embedding = FAILED, error, None
+                else:
+                    row.status, row.error = OK, None
+                    row.embedding = np.ascontiguousarray(vec, np.float32).tobytes()
+                if st is not None:
+                    row.size, row.mtime_ns, row.sha256 = st.st_size, st.st_mtime_ns, sha
+                row.indexed_at = now()
+                self.report.recomputed += 1
+                for p in self.fix.reembed[row_id]:
+                    p.fixed = True
+            self.store.bump_generation(s)
+            s.commit()
+
+    def _embed(self, recipe: Recipe, paths: list[str]):
+        """[(vector or None, error or None)] for ``paths``, or None if the model cannot load."""
+        from .backbone import BackboneError
+        from .pipeline import embed_files
+        from .recipe import RecipeMismatch
+
+        encoder = self._encoders.get(recipe)
+        if encoder is None:
+            from .encoder import Encoder
+
+            try:
+                encoder = Encoder(recipe, self.weights, self.device)
+            except (BackboneError, RecipeMismatch) as exc:
+                self.problem("recipe", f"cannot recompute embeddings: {exc}", fixable=False)
+                return None
+            self._encoders[recipe] = encoder
+        out: list = [(None, "not decoded")] * len(paths)
+        for batch in embed_files(paths, encoder, batch_size=16, workers=0):
+            for r in batch:
+                out[r.index] = (r.vector, r.error)
+        return out
+
+
+def _embedding_fault(blob: bytes | None, dim: int) -> str | None:
+    if blob is None:
+        return "indexed, but it has no embedding"
+    if len(blob) != 4 * dim:
+        return f"its embedding has {len(blob) // 4} dims, the recipe {dim}"
+    vec = np.frombuffer(blob, np.float32)
+    if not np.isfinite(vec).all():
+        return "its embedding is not finite"
+    norm = float(np.linalg.norm(vec))
+    if abs(norm - 1.0) > 1e-3:
+        return f"its embedding is not unit length (norm {norm:.4f})"
+    return None
