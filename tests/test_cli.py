@@ -224,3 +224,34 @@ def test_info_refuses_a_file_that_is_not_a_database(tmp_path):
     result = run("info", "--db", blank)
     assert result.exit_code == 1 and "not a lookalike database" in result.output
     assert blank.stat().st_size == 0
+
+
+def test_misuse_is_one_line_on_stderr_and_a_non_zero_exit(photos, db, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cases = {
+        ("index", str(photos), "--frobnicate"): "Error: No such option '--frobnicate' (see 'lookalike index --help')",
+        ("query", "x.jpg", "-k", "0"): "Error: Invalid value for '-k' / '--k': 0 is not in the range x>=1 "
+                                       "(see 'lookalike query --help')",
+        ("query", "x.jpg", "-k", "-3"): "Error: Invalid value for '-k' / '--k': -3 is not in the range x>=1 "
+                                        "(see 'lookalike query --help')",
+        ("frob",): "Error: No such command 'frob' (see 'lookalike --help')",
+        ("query",): "Error: Missing argument 'IMAGES...' (see 'lookalike query --help')",
+        ("query", "x.jpg", "--db", str(tmp_path / "none.db")):
+            f"Error: {tmp_path / 'none.db'}: no such database; run 'lookalike index' first",
+        ("check", "--db", str(tmp_path / "none.db")):
+            f"Error: {tmp_path / 'none.db'}: no such database; run 'lookalike index' first",
+        ("index", str(photos), "--batch-size", "0"):
+            "Error: Invalid value for '--batch-size': 0 is not in the range x>=1 (see 'lookalike index --help')",
+    }
+    for args, line in cases.items():
+        # A real process: what a user sees, exit status included.
+        proc = subprocess.run([sys.executable, "-c", "import cli; cli.main()", *args], cwd=repo,
+                              capture_output=True, text=True)
+        assert proc.returncode in (1, 2), (args, proc.stderr)
+        assert proc.stderr.strip() == line, args
+        assert proc.stdout == ""
+    assert not db.exists()
