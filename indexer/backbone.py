@@ -85,7 +85,9 @@ def default_weights_file(model: str) -> Path:
         log.info("downloading ResNet-50 weights to %s", cached)
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(RESNET50_URL, str(cached), progress=False)
+            # The file name carries the start of its sha256: a tampered download is refused.
+            torch.hub.download_url_to_file(RESNET50_URL, str(cached), progress=False,
+                                           hash_prefix=RESNET50_URL.rsplit("-", 1)[1].split(".")[0])
         except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
             raise BackboneError(
                 f"cannot download the ResNet-50 weights from {RESNET50_URL} ({exc}); "

@@ -1,6 +1,7 @@
 """The torch side of a backbone: a pretrained trunk cut at one stage, preprocessing inside."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,7 +12,9 @@ from .backbone import BackboneError, check_layer, get_spec
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; we say it in one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         # torch's own message is a paragraph about weights_only; the type says enough.
         raise BackboneError(f"{path}: not a PyTorch weights file ({type(exc).__name__})") from None
