@@ -142,3 +142,34 @@ def test_queries_during_an_index_run_see_committed_states(tmp_path):
         held.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_damaged_or_unwritable_model_cache_does_not_stop_a_run(photos, tmp_path, monkeypatch, caplog):
+    from indexer.encoder import Encoder, cache_dir
+    from indexer.store import Store
+
+    db = tmp_path / "index.db"
+    index(db, photos)
+    recipe = Store(db).recipe()
+    with Searcher(db) as s:
+        want = s.embed(photos / "p0.jpg")
+
+    # A cache file cut short (a full disk, a killed export) is exported again.
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    Encoder(recipe)
+    cached = next(cache_dir().glob("*.onnx"))
+    cached.write_bytes(cached.read_bytes()[:5000])
+    caplog.clear()
+    with Searcher(db) as s:
+        assert float(s.embed(photos / "p0.jpg") @ want) > 0.9999
+    assert f"the cached model {cached} is unusable" in caplog.text
+    assert cached.stat().st_size > 5000
+
+    # A cache folder that cannot be made: a temporary copy serves this process.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(blocker / "cache"))
+    caplog.clear()
+    with Searcher(db) as s:
+        assert float(s.embed(photos / "p0.jpg") @ want) > 0.9999
+    assert f"cannot write the model cache in {blocker / 'cache'}" in caplog.text
