@@ -63,22 +63,31 @@ class Searcher:
         self.weights, self.max_pixels = weights, max_pixels
         self._encoder = None
 
-    def _refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Load what the database holds now, even in the middle of an index run; whether it changed.
+
+        Searches refresh by themselves when an index run has finished; this is
+        for an application that wants a run's committed batches sooner.
+        """
+        return self._refresh(during_run=True)
+
+    def _refresh(self, during_run: bool = False) -> bool:
         """Reload the FAISS index when an index run has changed the database since."""
         generation = self.store.generation()
         if generation == self._generation:
-            return
+            return False
         with self._lock:
             if generation == self._generation:
-                return
+                return False
             with writer_lock(self.store.path, wait=False) as writer:
-                if not writer and self._generation is not None:
+                if not writer and self._generation is not None and not during_run:
                     # An index run is under way: serve the index we have, rather than
                     # rebuild after each of its batches; it saves a new one at the end.
-                    return
+                    return False
                 cpu = vectors.load(self.store, self.recipe.dim, save_rebuilt=writer)
             self._cpu_index, self.index = cpu, vectors.to_device(cpu, self.device)
             self._generation = generation
+            return True
 
     def __enter__(self) -> "Searcher":
         return self

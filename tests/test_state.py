@@ -118,7 +118,7 @@ def test_queries_during_an_index_run_see_committed_states(tmp_path):
     proc = subprocess.Popen(LOOKALIKE + ["index", str(photos), "--db", str(db), "--workers", "0",
                                          "--batch-size", "2"], cwd=REPO, stderr=subprocess.PIPE)
     held = Searcher(db)
-    sizes, errors = [], []
+    sizes, errors, seen = [], [], []
     try:
         while proc.poll() is None:
             try:
@@ -129,15 +129,18 @@ def test_queries_during_an_index_run_see_committed_states(tmp_path):
                         assert len(paths) == len(set(paths))
                         assert all(Path(p).exists() for p in paths)
                         sizes.append(len(s))
+                held.refresh()  # asked to: it loads the batches committed so far
+                seen.append(len(held))
             except Exception as exc:  # noqa: BLE001 - every failure is reported below
                 errors.append(repr(exc))
         assert proc.returncode == 0, proc.stderr.read().decode()
         assert not errors, errors[:3]
         assert len(sizes) >= 4
-        # A held Searcher picks up the finished run without a restart.
-        assert len(held) in (4, 24)
-        held.search(photos / "p00.jpg", k=1)
+        # Only ever adding here: what a held Searcher sees grows, batch by batch.
+        assert seen == sorted(seen) and len(set(seen)) > 2, seen
+        assert held.refresh() is True or len(held) == 24
         assert len(held) == 24
+        assert held.refresh() is False
     finally:
         held.close()
         if proc.poll() is None:
