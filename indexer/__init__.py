@@ -5,11 +5,12 @@
     print(summary.line())
 """
 from .backbone import BackboneError
+from .check import Report, check
 from .decode import DecodeError
 from .recipe import Recipe, RecipeMismatch
 from .scan import RootNotFound
 from .store import StoreError
 from .sync import Indexer, Summary
 
-__all__ = ["Indexer", "Summary", "Recipe", "RecipeMismatch", "DecodeError", "BackboneError",
+__all__ = ["Indexer", "Summary", "check", "Report", "Recipe", "RecipeMismatch", "DecodeError", "BackboneError",
            "RootNotFound", "StoreError"]
