@@ -101,6 +101,7 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, batch_si
           device, hidden, retry_failed) -> None:
     """Index the images under ROOT... (again: only what changed)."""
     from indexer import Indexer
+    from indexer.scan import display_path
 
     try:
         indexer = Indexer(db, model=model, weights=weights, layer=layer, pooling=pooling,
@@ -125,7 +126,7 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, batch_si
     except _user_errors() as exc:
         raise _fail(exc) from None
     for path, reason in summary.failures:
-        click.echo(f"failed: {path}: {reason}", err=True)
+        click.echo(f"failed: {display_path(path)}: {reason}", err=True)
     click.echo(summary.line(), err=True)
 
 
@@ -162,6 +163,7 @@ def _query_paths(images: tuple[str, ...]):
 def query(images, k, db, as_json, device, weights) -> None:
     """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin)."""
     from indexer import DecodeError
+    from indexer.scan import display_path
     from search import Searcher
 
     failures = 0
@@ -174,14 +176,14 @@ def query(images, k, db, as_json, device, weights) -> None:
                     matches = searcher.search(path, k=k)
                 except DecodeError as exc:
                     failures += 1
-                    click.echo(f"Error: {path}: {exc}", err=True)
+                    click.echo(f"Error: {display_path(path)}: {exc}", err=True)
                     continue
                 if as_json:
                     click.echo(json.dumps({"query": path, "results": [m.to_dict() for m in matches]}))
                 else:
-                    click.echo(path)
+                    click.echo(display_path(path))
                     for rank, m in enumerate(matches, 1):
-                        click.echo(f"  {rank:>3}  {m.score:.4f}  {m.path}")
+                        click.echo(f"  {rank:>3}  {m.score:.4f}  {display_path(m.path)}")
     except _user_errors() as exc:
         raise _fail(exc) from None
     if failures:
@@ -194,6 +196,7 @@ def query(images, k, db, as_json, device, weights) -> None:
 def info(db, as_json) -> None:
     """Show the recipe, counts, failed files and sizes on disk of a database."""
     from indexer.info import describe
+    from indexer.scan import display_path
 
     try:
         data = describe(db)
@@ -210,7 +213,7 @@ def info(db, as_json) -> None:
     for name, size in data["sizes"].items():
         click.echo(f"{name:<10} {size / 1e6:.1f} MB")
     for f in data["failures"]:
-        click.echo(f"failed     {f['path']}: {f['reason']}")
+        click.echo(f"failed     {display_path(f['path'])}: {f['reason']}")
 
 
 @main.command()

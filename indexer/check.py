@@ -20,7 +20,7 @@ from sqlalchemy import delete, select, text
 
 from . import vectors
 from .recipe import Recipe
-from .scan import file_sha256
+from .scan import display_path, file_sha256
 from .store import FAILED, OK, ImageRow, Store, StoreError, default_db_path, lock_holder, now, writer_lock
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class _Checker:
         name = vectors.index_path(self.store.path).name
         for tmp in sorted(self.store.path.parent.glob(f".{name}*.tmp")):
             self.fix.rebuild_faiss.append(self.problem(
-                "temp", f"{tmp}: a temporary file left by an interrupted run"))
+                "temp", f"{display_path(tmp)}: a temporary file left by an interrupted run"))
 
     def _rows(self) -> dict[int, _Row]:
         """Every indexed row, checked against its embedding and its file on disk."""
@@ -179,7 +179,7 @@ class _Checker:
                 row = rows[r.id] = _Row(r.id, r.path, r.size, r.mtime_ns)
                 reason = _embedding_fault(r.embedding, dim)
                 if reason:
-                    self.fix.add_reembed(row.id, self.problem("row", f"{row.path} (id {row.id}): {reason}"))
+                    self.fix.add_reembed(row.id, self.problem("row", f"{display_path(row.path)} (id {row.id}): {reason}"))
                 self._file(row)
         self.report.rows = len(rows)
         return rows
@@ -191,20 +191,20 @@ class _Checker:
         except FileNotFoundError:
             folder = os.path.dirname(row.path)
             if os.path.isdir(folder):
-                self.fix.drop[row.id] = self.problem("file", f"{row.path}: the file is gone")
+                self.fix.drop[row.id] = self.problem("file", f"{display_path(row.path)}: the file is gone")
             else:
                 # Perhaps a drive that is not mounted now: keep what was indexed.
                 self.unreachable.add(row.id)
-                self.problem("file", f"{row.path}: its folder is gone too (a drive not mounted?); "
+                self.problem("file", f"{display_path(row.path)}: its folder is gone too (a drive not mounted?); "
                              "kept until 'lookalike index' runs on it again", fixable=False)
             return
         except OSError as exc:
             self.unreachable.add(row.id)
-            self.problem("file", f"{row.path}: cannot read: {exc.strerror or exc}", fixable=False)
+            self.problem("file", f"{display_path(row.path)}: cannot read: {exc.strerror or exc}", fixable=False)
             return
         if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
             self.fix.add_reembed(row.id, self.problem(
-                "file", f"{row.path}: changed on disk since it was indexed"))
+                "file", f"{display_path(row.path)}: changed on disk since it was indexed"))
 
     def _faiss(self, rows: dict[int, _Row]) -> None:
         import faiss
@@ -212,14 +212,14 @@ class _Checker:
         path = vectors.index_path(self.store.path)
         if not path.exists():
             if rows:
-                self.fix.rebuild_faiss.append(self.problem("faiss", f"{path}: the FAISS file is missing"))
+                self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: the FAISS file is missing"))
             return
         try:
             index = faiss.read_index(str(path))
             meta = json.loads(path.with_name(path.name + ".json").read_text())
         except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.fix.rebuild_faiss.append(self.problem("faiss", f"{path}: unreadable ({reason})"))
+            self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: unreadable ({reason})"))
             return
         self.report.faiss_vectors = int(index.ntotal)
         if meta.get("recipe") and meta["recipe"] != self.recipe.to_json():
@@ -256,7 +256,7 @@ class _Checker:
             if differ:
                 faults.append(f"{differ} of its vectors differ from the database's")
         if faults:
-            self.fix.rebuild_faiss.append(self.problem("faiss", f"{path}: {'; '.join(faults)}"))
+            self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: {'; '.join(faults)}"))
 
     def _stored(self, ids: list[int]) -> dict[int, np.ndarray]:
         with self.store.session() as s:
@@ -282,7 +282,7 @@ class _Checker:
         for row, (vec, error) in zip(candidates, fresh):
             if vec is None:
                 self.fix.add_reembed(row.id, self.problem(
-                    "file", f"{row.path}: cannot be read now: {error}"))
+                    "file", f"{display_path(row.path)}: cannot be read now: {error}"))
                 continue
             cos = float(np.dot(vec, stored[row.id]))
             if cos < SAME_COSINE:
@@ -301,7 +301,7 @@ class _Checker:
                 return
         for row, cos in differ:
             self.fix.add_reembed(row.id, self.problem(
-                "row", f"{row.path} (id {row.id}): its embedding differs from a fresh computation "
+                "row", f"{display_path(row.path)} (id {row.id}): its embedding differs from a fresh computation "
                 f"(cosine {cos:.3f})"))
         if len(candidates) < len(rows):
             # Bad embeddings in a sample mean the rest cannot be trusted either.

@@ -44,6 +44,30 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _escape(ch: str) -> str:
+    if ch in "\\'":
+        return "\\" + ch
+    if 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+        return f"\\x{ord(ch) - 0xDC00:02x}"
+    if ch.isprintable():
+        return ch
+    return ascii(ch)[1:-1]  # \n, \t, \x1b, \u200b...
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as it may appear in a one-line message.
+
+    A path of printable characters is returned as it is. Any other (a newline,
+    a tab or another control character, a byte that is not UTF-8) is quoted
+    and escaped, so that a message naming it stays one line:
+    ``'/photos/a\\nb.jpg'``, ``'/photos/caf\\xe9.jpg'``.
+    """
+    text = os.fsdecode(path)
+    if text.isprintable():
+        return text
+    return "'" + "".join(map(_escape, text)) + "'"
+
+
 class RootNotFound(Exception):
     """A root given to scan does not exist or is not readable."""
 
@@ -52,9 +76,9 @@ def resolve_root(root: str | os.PathLike) -> str:
     """Absolute, user-expanded root; raises RootNotFound if it is missing."""
     path = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.exists(path):
-        raise RootNotFound(f"{root}: no such file or directory")
+        raise RootNotFound(f"{display_path(root)}: no such file or directory")
     if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
-        raise RootNotFound(f"{root}: permission denied")
+        raise RootNotFound(f"{display_path(root)}: permission denied")
     return path
 
 
@@ -70,8 +94,11 @@ def scan(
     Symbolic links are followed; a directory already visited (by device and
     inode) is not entered again, which stops link loops. Hidden folders and
     files (name starting with '.') are skipped unless ``include_hidden``.
-    A root may also be a single file. Folders that cannot be listed are
-    logged and added to ``unlisted``, so a caller can tell "gone" from "unseen".
+    A root may also be a single file. Whatever is skipped for a reason (a
+    folder that cannot be listed, a file that cannot be examined, a broken
+    symbolic link, a name that is not UTF-8) is logged, one line naming it;
+    the paths the scan could not see are added to ``unlisted``, so a caller
+    can tell "gone" from "unseen".
     """
     exts = extensions if extensions is not None else image_extensions()
     if unlisted is None:
@@ -79,19 +106,28 @@ def scan(
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
 
-    def file_entry(path: str) -> FileStat | None:
-        if Path(path).suffix.lower() not in exts:
-            return None
+    def unseen(path: str, what: str, exc: OSError) -> None:
+        log.warning("%s: %s: %s", display_path(path), what, exc.strerror or exc)
+        unlisted.add(path)
+
+    def utf8(path: str, what: str) -> bool:
         try:
             path.encode("utf-8")
         except UnicodeEncodeError:
             # The database stores UTF-8 text; such a name cannot be kept or shown.
-            log.warning("%s: skipped: the file name is not valid UTF-8", ascii(path))
+            log.warning("%s: skipped: the %s name is not valid UTF-8", display_path(path), what)
+            return False
+        return True
+
+    def file_entry(path: str) -> FileStat | None:
+        if Path(path).suffix.lower() not in exts or not utf8(path, "file"):
             return None
         try:
             st = os.stat(path)
+        except FileNotFoundError:
+            return None  # gone since it was listed
         except OSError as exc:
-            log.warning("%s: cannot stat: %s", path, exc.strerror or exc)
+            unseen(path, "cannot stat", exc)
             return None
         key = (st.st_dev, st.st_ino)
         if key in seen_files:
@@ -106,12 +142,17 @@ def scan(
             if entry:
                 yield entry
             continue
+        if not utf8(root, "folder"):
+            continue
         stack = [root]
         while stack:
             folder = stack.pop()
             try:
                 st = os.stat(folder)
-            except OSError:
+            except FileNotFoundError:
+                continue  # gone since it was listed
+            except OSError as exc:
+                unseen(folder, "cannot stat folder", exc)
                 continue
             if (st.st_dev, st.st_ino) in seen_dirs:
                 continue
@@ -120,8 +161,7 @@ def scan(
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as exc:
-                log.warning("%s: cannot list folder: %s", folder, exc.strerror or exc)
-                unlisted.add(folder)
+                unseen(folder, "cannot list folder", exc)
                 continue
             subdirs = []
             for e in entries:
@@ -129,12 +169,25 @@ def scan(
                     continue
                 try:
                     is_dir = e.is_dir(follow_symlinks=True)
-                except OSError:
+                    is_file = not is_dir and e.is_file(follow_symlinks=True)
+                except OSError as exc:  # a link loop, a target that cannot be examined
+                    unseen(e.path, "cannot stat", exc)
                     continue
                 if is_dir:
-                    subdirs.append(e.path)
-                elif e.is_file(follow_symlinks=True):
+                    if utf8(e.path, "folder"):  # one line for the folder, none for each file in it
+                        subdirs.append(e.path)
+                elif is_file:
                     entry = file_entry(e.path)
                     if entry:
                         yield entry
+                elif e.is_symlink() and not os.path.exists(e.path):
+                    # Its target may be on a drive not mounted now: what was indexed
+                    # through it is kept, as for a folder that cannot be listed.
+                    try:
+                        target = display_path(os.readlink(e.path))
+                    except OSError:
+                        continue  # gone since it was listed
+                    log.warning("%s: skipped: broken symbolic link to %s", display_path(e.path),
+                                target)
+                    unlisted.add(e.path)
             stack.extend(reversed(subdirs))
