@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, open_image
+from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, DecodeError, open_image
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,18 @@ class Result:
 
 
 class _Files:
-    """A map-style dataset of decoded files; decode failures are returned, not raised."""
+    """A map-style dataset of decoded files; decode failures are returned, not raised.
 
-    def __init__(self, paths: Sequence[str], longest: int, max_pixels: int):
+    Each file gets ``timeout`` seconds: __getitem__ runs in the main thread of a
+    DataLoader worker process (or of this process with no workers), where the
+    SIGALRM-based limit of open_image applies, so a decoder that hangs costs
+    one failed file instead of a stalled worker.
+    """
+
+    def __init__(self, paths: Sequence[str], longest: int, max_pixels: int,
+                 timeout: float | None = DEFAULT_DECODE_TIMEOUT):
         self.paths, self.longest, self.max_pixels = paths, longest, max_pixels
+        self.timeout = timeout
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -36,11 +44,11 @@ class _Files:
         import torch
 
         try:
-            d = open_image(self.paths[i], self.longest, self.max_pixels)
+            d = open_image(self.paths[i], self.longest, self.max_pixels, timeout=self.timeout)
         except DecodeError as exc:
             return i, None, 0, 0, str(exc)
         except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
-            return i, None, 0, 0, f"{type(exc).__name__}: {exc}"
+            return i, None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split())
         # A tensor travels from the worker through shared memory, not a pickle.
         return i, torch.from_numpy(d.pixels), d.width, d.height, None
 
@@ -50,8 +58,12 @@ def _identity(item):
 
 
 def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers: int = 0,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[list[Result]]:
+                max_pixels: int = DEFAULT_MAX_PIXELS,
+                decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT) -> Iterator[list[Result]]:
     """Yield lists of Results, in batches, until every path has one.
+
+    A file whose decoding takes longer than ``decode_timeout`` seconds (None:
+    no limit) fails with that reason and the run goes on.
 
     Images are grouped by their resized shape and a model batch only ever
     holds images of one shape: no padding, so a descriptor does not depend on
@@ -59,7 +71,7 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
     """
     from torch.utils.data import DataLoader
 
-    dataset = _Files(paths, encoder.recipe.image_size, max_pixels)
+    dataset = _Files(paths, encoder.recipe.image_size, max_pixels, decode_timeout)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=_identity, prefetch_factor=4 if workers else None,
                         persistent_workers=False)
