@@ -193,6 +193,7 @@ class Store:
         else:
             self.engine = create_engine(URL.create("sqlite", database=str(self.path)))
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        _explicit_transactions(self.engine)
         try:
             migrate(self.engine, str(self.path), create, upgrade=not self.read_only)
         except StoreError:
@@ -324,6 +325,23 @@ def _read_only_engine(path: Path):
         return con
 
     return create_engine("sqlite://", creator=connect)
+
+
+def _explicit_transactions(engine) -> None:
+    """Let SQLAlchemy, not the sqlite3 module, say where transactions begin.
+
+    sqlite3 only opens a transaction before INSERT, UPDATE or DELETE: a
+    migration's CREATE TABLE would commit on its own (a kill between two of
+    them leaves a database that cannot be opened again), and successive
+    SELECTs would each see a different commit of a concurrent index run.
+    """
+    @event.listens_for(engine, "connect")
+    def _no_implicit(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
