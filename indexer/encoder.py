@@ -146,6 +146,18 @@ def _onnx_session(recipe: Recipe, weights_file: Path):
     return _load_onnx(path)
 
 
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary exports of ``path`` left by processes that were killed."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(path.name) + 2:-4])
+            os.kill(pid, 0)  # still exporting: leave it
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            pass
+
+
 def _load_onnx(path: Path):
     import onnxruntime as ort
 
@@ -166,6 +178,7 @@ def _export(recipe: Recipe, weights_file: Path, path: Path) -> None:
     log.info("exporting %s/%s to ONNX at %s", recipe.model, recipe.layer, path)
     net = build_trunk(recipe.model, recipe.layer, weights_file)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     sample = torch.rand(1, 3, 96, 128) * 255
     try:
