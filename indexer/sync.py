@@ -1,6 +1,7 @@
 """Bring the index in line with folders on disk: mark what changed, embed only that, sweep the rest."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -11,16 +12,30 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from sqlalchemy import delete, select
+from sqlalchemy.exc import OperationalError
 
 from . import vectors
 from .decode import DEFAULT_MAX_PIXELS
 from .recipe import Recipe
 from .scan import FileStat, file_sha256, resolve_root, scan
-from .store import FAILED, OK, ImageRow, Store, default_db_path, now, writer_lock
+from .store import (
+    FAILED,
+    OK,
+    ImageRow,
+    Store,
+    StoreError,
+    default_db_path,
+    now,
+    writer_lock,
+)
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+
+# Errors of this process, not of a file (too many open files, out of memory): a file
+# failing with one must not be recorded as failed, since it would not be retried.
+_PROCESS_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 @dataclass
@@ -55,6 +70,16 @@ def _hidden_below(path: str, roots: Sequence[str]) -> bool:
             rest = os.path.relpath(path, root) if path != root else ""
             return any(part.startswith(".") for part in Path(rest).parts)
     return False
+
+
+def _save(store: Store, index, generation: int) -> None:
+    """Write the FAISS file; a failed write is a StoreError (the database is already saved)."""
+    try:
+        vectors.save(store, index, generation)
+    except OSError as exc:
+        raise StoreError(f"{vectors.index_path(store.path)}: cannot write the FAISS index: "
+                         f"{exc.strerror or exc}; the database is saved and the next run "
+                         "writes it again") from None
 
 
 def default_workers() -> int:
@@ -131,6 +156,10 @@ class Indexer:
             store = Store(self.db)
             try:
                 summary = self._index(store, roots, device, progress)
+            except OperationalError as exc:  # a failed write (disk full, I/O error): one line
+                reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+                raise StoreError(f"{store.path}: {reason}; the images committed so far are kept, "
+                                 "run again to finish") from None
             finally:
                 store.close()
         summary.seconds = time.perf_counter() - start
@@ -177,8 +206,8 @@ class Indexer:
         if not files:
             log.warning("no image files under %s", ", ".join(roots))
         if not candidates and not missing:
-            if not vectors.is_current(store):
-                vectors.load(store, recipe.dim)  # rebuilds and saves a stale FAISS file
+            if not vectors.is_current(store):  # rebuild and save a stale FAISS file
+                _save(store, vectors.load(store, recipe.dim, save_rebuilt=False), store.generation())
             return summary
 
         hashes, unreadable = self._hash(candidates)
@@ -256,7 +285,7 @@ class Indexer:
         if to_embed:
             generation = self._embed(store, encoder or self._encoder(recipe, device), to_embed,
                                      by_path, hashes, index, summary, progress)
-        vectors.save(store, index, generation)
+        _save(store, index, generation)
         return summary
 
     def _hash(self, files: list[FileStat]) -> tuple[dict[str, str], dict[str, str]]:
@@ -265,6 +294,8 @@ class Indexer:
             try:
                 return f.path, file_sha256(f.path), None
             except OSError as exc:
+                if exc.errno in _PROCESS_ERRNOS:
+                    raise  # not the file's fault: stop rather than record it as failed
                 return f.path, None, f"cannot read: {exc.strerror or exc}"
 
         hashes, unreadable = {}, {}

@@ -1,9 +1,12 @@
 """The FAISS index: derived from the database, kept next to it, rebuilt when they disagree."""
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -86,11 +89,24 @@ def load(store: Store, dim: int, save_rebuilt: bool = True):
 
 
 def save(store: Store, index, generation: int) -> None:
-    """Write the index and its generation atomically (temp file, then rename)."""
+    """Write the index and its generation atomically (temp file, then rename).
+
+    The caller holds the writer's lock, so temp files found next to the index
+    were left by a writer that was killed: they are removed. Raises OSError.
+    """
     import faiss
 
     path, meta_path = index_path(store.path), _meta_path(store.path)
-    _write_atomically(path, lambda tmp: faiss.write_index(index, tmp))
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+    def write_index(tmp):
+        try:
+            faiss.write_index(index, tmp)
+        except RuntimeError as exc:  # FAISS reports a failed write as "... (File too large)"
+            raise _os_error(exc) from None
+
+    _write_atomically(path, write_index)
     # Written second: a crash in between leaves an old generation, which
     # only costs a rebuild on the next open.
     recipe = store.recipe()
@@ -98,6 +114,17 @@ def save(store: Store, index, generation: int) -> None:
     meta = json.dumps({"generation": generation, "count": int(index.ntotal), "dim": int(index.d),
                        "recipe": recipe.to_json() if recipe else None})
     _write_atomically(meta_path, lambda tmp: Path(tmp).write_text(meta))
+
+
+_ERRNO_BY_TEXT = {os.strerror(code): code for code in errno.errorcode}
+
+
+def _os_error(exc: RuntimeError) -> OSError:
+    """The OSError behind a FAISS I/O error, from the reason at the end of its message."""
+    text = str(exc).strip()
+    m = re.search(r"\(([^()]+)\)$", text) or re.search(r":\s*([^:]+)$", text)
+    reason = m.group(1).strip() if m else text.splitlines()[-1]
+    return OSError(_ERRNO_BY_TEXT.get(reason, errno.EIO), reason)
 
 
 def _write_atomically(path: Path, write) -> None:

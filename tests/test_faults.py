@@ -1,0 +1,139 @@
+"""Crash safety under fault injection, CI-sized (bench/reliability.py runs the same at scale).
+
+``lookalike index`` runs as a subprocess on a folder that changes before every trial; it is
+SIGKILLed at a chosen moment (an event counted inside the process: a SQLite COMMIT, a
+pipeline batch, the FAISS write, a rename, ...; or a random time), or made to fail with a
+real I/O error (RLIMIT_FSIZE: EFBIG; RLIMIT_NOFILE: EMFILE). After the faulty run the
+committed state must be intact; after a clean rerun every good image on disk must be in the
+database and in the FAISS file exactly once, with the descriptor of a fresh computation,
+and every bad file recorded as failed. See tests/fault_harness.py.
+
+Run with -v to see the table of trials.
+"""
+from __future__ import annotations
+
+import pytest
+from fault_harness import EVENTS, TABLE_HEAD, Harness, Outcome, kill, limit, timed
+
+SEED = 3
+EFBIG = "File too large"
+EMFILE = "Too many open files"
+
+# (name, fault class, faults, options for Harness.trial, what the failed run must say)
+TRIALS = [
+    ("after scan", "kill", [kill("scanned")], {}),
+    ("after hashing", "kill", [kill("hashed")], {}),
+    ("before COMMIT of the scan's changes", "kill", [kill("commit", 1)], {}),
+    ("after commit of the scan's changes", "kill", [kill("committed", 1)], {}),
+    ("first batch embedded, not stored", "kill", [kill("batch", 1)], {}),
+    ("before COMMIT of the first batch", "kill", [kill("commit", 2)], {}),
+    ("after commit of the first batch", "kill", [kill("committed", 2)], {}),
+    ("second batch embedded, not stored", "kill", [kill("batch", 2)], {}),
+    ("after commit of the second batch", "kill", [kill("committed", 3)], {}),
+    ("all committed, FAISS not written", "kill", [kill("save")], {}),
+    ("FAISS temp file half written", "kill", [kill("faiss-write", how="midway")], {}),
+    ("FAISS temp file written, not renamed", "kill", [kill("faiss-written")], {}),
+    ("before the FAISS rename", "kill", [kill("replace:faiss")], {}),
+    ("FAISS renamed, sidecar not written", "kill", [kill("replaced:faiss")], {}),
+    ("sidecar temp written, not renamed", "kill", [kill("replace:meta")], {}),
+    ("sidecar renamed, before exit", "kill", [kill("replaced:meta")], {}),
+    ("at database close (WAL checkpoint)", "kill", [kill("close")], {}),
+    ("in the rebuild of a stale FAISS file", "kill",
+     [kill("save"), kill("faiss-write", how="midway")], {}),
+    ("in the run recovering from a kill", "kill", [kill("committed", 2), kill("batch", 1)], {}),
+    ("new db: after the migration commit", "kill", [kill("committed", 1)], {"fresh_db": True}),
+    ("new db: after the recipe commit", "kill", [kill("committed", 2)], {"fresh_db": True}),
+    ("new db: mid first run", "kill", [kill("batch", 3)], {"fresh_db": True}),
+    ("new db: mid-migration (tables made, no version)", "kill", [kill("ddl", 3)], {"fresh_db": True}),
+    ("ONNX export: graph half written", "kill", [kill("onnx-exported", how="midway")],
+     {"cache": "empty"}),
+    ("ONNX export: graph written, before its rename", "kill", [kill("replace:onnx")],
+     {"cache": "empty"}),
+    ("random time 1", "timed kill", [timed()], {}),
+    ("random time 2", "timed kill", [timed()], {}),
+    ("random time 3", "timed kill", [timed()], {}),
+    ("EFBIG writing the FAISS file", "I/O", [limit("fsize", "save", value=4096)], {}, EFBIG),
+    ("EFBIG writing the sidecar", "I/O", [limit("fsize", "replaced:faiss")], {}, EFBIG),
+    ("EFBIG in the WAL mid-run", "I/O",
+     [limit("fsize", "committed", 2, relative=True)], {}, "disk I/O error"),
+    ("new db: EFBIG from the start", "I/O",
+     [limit("fsize", "main", value=160_000)], {"fresh_db": True}, "disk I/O error"),
+    ("EMFILE creating the FAISS temp file", "I/O", [limit("nofile", "save")], {}, EMFILE),
+    ("EMFILE while hashing", "I/O",
+     [dict(limit("nofile", "scanned"), spec={**limit("nofile", "scanned")["spec"],
+                                             "preload": ["faiss"]})], {}, EMFILE),
+]
+
+
+def _points(faults) -> list[str]:
+    return [f"{f['spec']['kill']['at']}#{f['spec']['kill']['n']}" + (
+        "/midway" if f["spec"]["kill"]["how"] == "midway" else "")
+            for f in faults if "kill" in f.get("spec", {})]
+
+
+def test_the_trials_cover_enough_moments():
+    points = {(p, bool(t[3].get("fresh_db"))) for t in TRIALS for p in _points(t[2])}
+    assert len(points) >= 23
+    assert {p.split("#")[0] for p, _ in points} >= {
+        "commit", "committed", "faiss-write", "batch", "replace:faiss", "replaced:faiss", "scanned",
+        "ddl", "onnx-exported"}
+    assert sum(t[1] == "I/O" for t in TRIALS) >= 2
+    assert all(e in EVENTS for e in {p.split("#")[0] for p, _ in points})
+
+
+OUTCOMES: list[Outcome] = []
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory, request):
+    h = Harness(tmp_path_factory.mktemp("faults"), seed=SEED)
+    base = h.baseline()
+    assert base.survived, base.row()
+    OUTCOMES.append(base)
+    yield h
+    if request.config.option.verbose > 0:
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            print("\n" + TABLE_HEAD)
+            for out in OUTCOMES:
+                print(out.row())
+
+
+def _check(out: Outcome, faults, message: str | None) -> None:
+    OUTCOMES.append(out)
+    assert out.survived, out.row()
+    if any(f.get("expect_kill") for f in faults):
+        assert out.killed, out.row()
+    if message:
+        assert out.hit and message in out.error, out.row()
+        assert out.lost == 0
+
+
+@pytest.mark.parametrize("trial", TRIALS, ids=[t[0] for t in TRIALS])
+def test_fault(harness, trial, tmp_path):
+    name, fault, faults, options, *message = trial
+    if options.get("cache") == "empty":  # the child exports the model into it
+        options = dict(options, cache=tmp_path / "cache")
+    out = harness.trial(name, fault, faults, **options)
+    _check(out, faults, message[0] if message else None)
+
+
+# -- a fault that hits a bug in code owned elsewhere: xfail while the bug is there -----------
+# It asserts everything but the known symptom, so that nothing else hides behind it.
+
+def test_emfile_while_decoding(tmp_path):
+    h = Harness(tmp_path, seed=SEED + 2, images=8)
+    assert h.baseline().survived
+    out = h.trial("EMFILE while decoding", "I/O", [limit("nofile", "batch", 1)],
+                  mutate={"add": 6, "modify": 0, "delete": 0, "rename": 0})
+    OUTCOMES.append(out)
+    symptoms = ("recorded as failed but decodes", "failed, descriptor wrong or missing",
+                "failed, ", "summary says")
+    known = [x for x in out.issues if any(s in x for s in symptoms)]
+    others = [x for x in out.issues if x not in known]
+    assert not others and out.hit and EMFILE in out.error, out.row()
+    if known:
+        pytest.xfail("indexer/decode.py (or pipeline.py): a process error while decoding "
+                     "(EMFILE, ENFILE, ENOMEM) becomes the file's failure reason, so good images "
+                     f"stay failed after the next run: {len(known)} issues, {out.lost} lost")
+    assert out.survived, out.row()
