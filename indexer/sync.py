@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from . import vectors
 from .decode import DEFAULT_MAX_PIXELS
 from .recipe import Recipe
-from .scan import FileStat, file_sha256, resolve_root, scan
+from .scan import FileStat, display_path, file_sha256, resolve_root, scan
 from .store import (
     FAILED,
     OK,
@@ -80,6 +80,14 @@ def _save(store: Store, index, generation: int) -> None:
         raise StoreError(f"{vectors.index_path(store.path)}: cannot write the FAISS index: "
                          f"{exc.strerror or exc}; the database is saved and the next run "
                          "writes it again") from None
+
+
+# Failures of access, not of content: the file may be readable the next time.
+_ACCESS_FAILURES = ("cannot read:", "file not found", "permission denied")
+
+
+def _access_failure(error: str | None) -> bool:
+    return bool(error) and error.startswith(_ACCESS_FAILURES)
 
 
 def default_workers() -> int:
@@ -184,7 +192,7 @@ class Indexer:
                                          unlisted=unlisted)}
         with store.session() as s:
             rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
-                                    ImageRow.sha256, ImageRow.status)).all()
+                                    ImageRow.sha256, ImageRow.status, ImageRow.error)).all()
         by_path = {r.path: r for r in rows}
         # Swept: entries under the roots whose files are gone, but not those the scan
         # could not see (an unreadable folder, a hidden path when hidden ones are skipped).
@@ -196,7 +204,7 @@ class Indexer:
         for path, f in files.items():
             row = by_path.get(path)
             if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns and not (
-                    self.retry_failed and row.status == FAILED):
+                    row.status == FAILED and (self.retry_failed or _access_failure(row.error))):
                 if row.status == FAILED:
                     summary.failed += 1
                 else:
@@ -204,7 +212,7 @@ class Indexer:
             else:
                 candidates.append(f)
         if not files:
-            log.warning("no image files under %s", ", ".join(roots))
+            log.warning("no image files under %s", ", ".join(map(display_path, roots)))
         if not candidates and not missing:
             if not vectors.is_current(store):  # rebuild and save a stale FAISS file
                 _save(store, vectors.load(store, recipe.dim, save_rebuilt=False), store.generation())
@@ -234,7 +242,7 @@ class Indexer:
             for f in candidates:
                 if f.path in unreadable:
                     reason = unreadable[f.path]
-                    log.info("%s: %s", f.path, reason)
+                    log.info("%s: %s", display_path(f.path), reason)
                     summary.failures.append((f.path, reason))
                     summary.failed += 1
                     self._fail(s, by_path.get(f.path), f, None, reason, index)
@@ -345,10 +353,13 @@ class Indexer:
                     f = files[r.index]
                     row = by_path.get(f.path)
                     if r.vector is None:
-                        log.info("%s: %s", f.path, r.error)
+                        log.info("%s: %s", display_path(f.path), r.error)
                         summary.failures.append((f.path, r.error))
                         summary.failed += 1
-                        self._fail(s, row, f, hashes[f.path], r.error, index)
+                        # Bytes that could not be opened say nothing about their content:
+                        # keep no hash, so the row is never the source of a move.
+                        sha = None if _access_failure(r.error) else hashes[f.path]
+                        self._fail(s, row, f, sha, r.error, index)
                         continue
                     vec = np.ascontiguousarray(r.vector, dtype=np.float32)
                     db_row = self._upsert(s, row, f, hashes[f.path], OK, None, vec.tobytes(),

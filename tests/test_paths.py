@@ -194,9 +194,6 @@ def test_leading_dash_roots_and_queries_need_double_dash(tmp_path, db, monkeypat
     assert answer["results"][0]["path"] == str(tmp_path / "-photos" / "-a.jpg")
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py prints paths raw: a newline in a name breaks "
-                                       "'failed:', 'Error:', info and the query table (and "
-                                       "sync.py's 'no image files under'); fix: display_path()")
 def test_messages_and_table_naming_a_path_with_a_newline_stay_one_line(awkward, db, tmp_path):
     broken = awkward / "broken\nfile.jpg"
     broken.write_bytes(b"not a picture")
@@ -372,8 +369,6 @@ def test_unreadable_files_and_folders(tmp_path, db):
         (root / "no search").chmod(0o755)
 
 
-@pytest.mark.xfail(strict=True, reason="sync.py: a file that failed as unreadable keeps its size and "
-                                       "mtime when its permissions are fixed, and is never retried")
 @pytest.mark.skipif(os.name == "nt", reason="needs POSIX permissions")
 def test_an_unreadable_file_is_indexed_once_it_can_be_read(tmp_path, db):
     root = tmp_path / "root"
@@ -461,8 +456,6 @@ def test_files_that_vanish_between_hashing_and_decoding(tmp_path, db, monkeypatc
     assert set(rows(db)) == {str(p) for p in keep}
 
 
-@pytest.mark.xfail(strict=True, reason="sync.py: the failed row of a file moved mid-run is taken "
-                                       "as the source of a move, so the moved image stays failed")
 def test_a_file_moved_between_hashing_and_decoding_is_indexed_at_its_new_place(tmp_path, db, monkeypatch):
     root = tmp_path / "root"
     save_photo(root / "keep.jpg", seed=1)
