@@ -55,7 +55,10 @@ class _Group(click.Group):
             sys.stderr.close()
             sys.exit(1)
         except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
+            from indexer.scan import display_path
+
+            name = exc.filename
+            where = f"{display_path(name) if isinstance(name, (str, bytes)) else name}: " if name else ""
             click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
             sys.exit(1)
         except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, keep the trace on request

@@ -1,6 +1,7 @@
 """Open an image file as an RGB picture of the size the model needs."""
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -33,6 +34,10 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 # competing for the CPU. A false limit hit costs more than a slow file: a
 # failed file is not retried until it changes.
 DEFAULT_DECODE_TIMEOUT = 60.0
+# Errors of the process, not of a file (too many open files, out of memory in the
+# kernel): raised as OSError, never as a DecodeError, since a file recorded as
+# failed is not tried again until it changes.
+PROCESS_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 # Canvas for transparent pixels: most transparent images (logos, products,
 # cut-outs) are designed to be seen on white.
 BACKGROUND = (255, 255, 255)
@@ -247,6 +252,8 @@ def _open(source, longest: int, max_pixels: int) -> Decoded:
         raise DecodeError(f"damaged: {_reason(exc)}") from None
     except (OSError, SyntaxError, EOFError, TypeError, IndexError, KeyError, ZeroDivisionError,
             OverflowError, RuntimeError, struct.error, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno in PROCESS_ERRNOS:
+            raise  # the process is short of something, the file may be fine: not its failure
         # What Pillow's plugins raise on damaged data: SyntaxError for a bad header,
         # RuntimeError from the AVIF decoder.
         text = _reason(exc)

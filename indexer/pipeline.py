@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, DecodeError, open_image
+from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, PROCESS_ERRNOS, DecodeError, open_image
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,24 @@ class _Files:
             d = open_image(self.paths[i], self.longest, self.max_pixels, timeout=self.timeout)
         except DecodeError as exc:
             return i, None, 0, 0, str(exc)
+        except OSError as exc:
+            if exc.errno in PROCESS_ERRNOS:
+                # Raised in the caller's process, where the DataLoader would not keep errno.
+                return i, None, 0, 0, _ProcessError(exc.errno, exc.strerror, self.paths[i])
+            return i, None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split())
         except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
             return i, None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split())
         # A tensor travels from the worker through shared memory, not a pickle.
         return i, torch.from_numpy(d.pixels), d.width, d.height, None
+
+
+@dataclass(frozen=True)
+class _ProcessError:
+    """An OSError of the decoding process (EMFILE, ...): it stops the run, it fails no file."""
+
+    errno: int
+    strerror: str
+    path: str
 
 
 def _identity(item):
@@ -63,7 +77,8 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
     """Yield lists of Results, in batches, until every path has one.
 
     A file whose decoding takes longer than ``decode_timeout`` seconds (None:
-    no limit) fails with that reason and the run goes on.
+    no limit) fails with that reason and the run goes on. An error of the
+    process rather than of a file (too many open files) raises OSError.
 
     Images are grouped by their resized shape and a model batch only ever
     holds images of one shape: no padding, so a descriptor does not depend on
@@ -91,6 +106,8 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
 
     failed: list[Result] = []
     for i, px, w, h, err in loader:
+        if isinstance(err, _ProcessError):
+            raise OSError(err.errno, err.strerror, err.path)
         if err is not None:
             failed.append(Result(i, None, error=err))
             if len(failed) >= batch_size:

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
 
 from . import vectors
-from .decode import DEFAULT_MAX_PIXELS
+from .decode import DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
 from .recipe import Recipe
 from .scan import FileStat, display_path, file_sha256, resolve_root, scan
 from .store import (
@@ -32,10 +32,6 @@ from .store import (
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-
-# Errors of this process, not of a file (too many open files, out of memory): a file
-# failing with one must not be recorded as failed, since it would not be retried.
-_PROCESS_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 @dataclass
@@ -302,7 +298,7 @@ class Indexer:
             try:
                 return f.path, file_sha256(f.path), None
             except OSError as exc:
-                if exc.errno in _PROCESS_ERRNOS:
+                if exc.errno in PROCESS_ERRNOS:
                     raise  # not the file's fault: stop rather than record it as failed
                 return f.path, None, f"cannot read: {exc.strerror or exc}"
 
