@@ -159,8 +159,7 @@ class _Checker:
 
     def _temp_files(self) -> None:
         """Temporary files left by a killed run: harmless, but they take space."""
-        name = vectors.index_path(self.store.path).name
-        for tmp in sorted(self.store.path.parent.glob(f".{name}*.tmp")):
+        for tmp in vectors.temp_files(self.store):
             self.fix.rebuild_faiss.append(self.problem(
                 "temp", f"{display_path(tmp)}: a temporary file left by an interrupted run"))
 
@@ -337,10 +336,7 @@ class _Checker:
             self._reembed(rows)
         if fix.drop or fix.reembed or fix.rebuild_faiss or fix.restore_recipe:
             index = vectors.rebuild(self.store, self.recipe.dim)
-            vectors.save(self.store, index, self.store.generation())
-            name = vectors.index_path(self.store.path).name
-            for tmp in self.store.path.parent.glob(f".{name}*.tmp"):
-                tmp.unlink(missing_ok=True)
+            vectors.save(self.store, index, self.store.generation())  # removes leftover temp files
             for p in fix.rebuild_faiss:
                 p.fixed = True
             self.report.faiss_vectors = int(index.ntotal)

@@ -47,12 +47,10 @@ class _Files:
             d = open_image(self.paths[i], self.longest, self.max_pixels, timeout=self.timeout)
         except DecodeError as exc:
             return i, None, 0, 0, str(exc)
-        except OSError as exc:
-            if exc.errno in PROCESS_ERRNOS:
+        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
+            if isinstance(exc, OSError) and exc.errno in PROCESS_ERRNOS:
                 # Raised in the caller's process, where the DataLoader would not keep errno.
                 return i, None, 0, 0, _ProcessError(exc.errno, exc.strerror, self.paths[i])
-            return i, None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split())
-        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
             return i, None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split())
         # A tensor travels from the worker through shared memory, not a pickle.
         return i, torch.from_numpy(d.pixels), d.width, d.height, None

@@ -1,7 +1,6 @@
 """Bring the index in line with folders on disk: mark what changed, embed only that, sweep the rest."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time

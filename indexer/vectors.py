@@ -97,7 +97,7 @@ def save(store: Store, index, generation: int) -> None:
     import faiss
 
     path, meta_path = index_path(store.path), _meta_path(store.path)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for stale in temp_files(store):
         stale.unlink(missing_ok=True)
 
     def write_index(tmp):
@@ -114,6 +114,12 @@ def save(store: Store, index, generation: int) -> None:
     meta = json.dumps({"generation": generation, "count": int(index.ntotal), "dim": int(index.d),
                        "recipe": recipe.to_json() if recipe else None})
     _write_atomically(meta_path, lambda tmp: Path(tmp).write_text(meta))
+
+
+def temp_files(store: Store) -> list[Path]:
+    """Temp files of writes of the index or its sidecar that did not finish (a killed writer)."""
+    path = index_path(store.path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
 
 
 _ERRNO_BY_TEXT = {os.strerror(code): code for code in errno.errorcode}

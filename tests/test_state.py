@@ -147,20 +147,16 @@ def test_queries_during_an_index_run_see_committed_states(tmp_path):
             proc.kill()
 
 
-def test_a_held_searcher_sees_a_finished_run_without_being_asked(tmp_path):
-    photos = tmp_path / "photos"
-    for i in range(3):
-        save_photo(photos / f"p{i}.jpg", seed=700 + i)
-    db = tmp_path / "index.db"
+def test_a_held_searcher_sees_a_finished_run_without_being_asked(photos, db):
     index(db, photos)
     with Searcher(db) as held:
-        assert len(held) == 3
+        assert len(held) == 6
         save_photo(photos / "new.jpg", seed=799)
         (photos / "p2.jpg").unlink()
         index(db, photos)
         paths = {Path(m.path).name for m in held.search(photos / "new.jpg", k=10)}
-        assert paths == {"p0.jpg", "p1.jpg", "new.jpg"}
-        assert len(held) == 3 and held.refresh() is False
+        assert paths == {"p0.jpg", "p1.jpg", "p3.jpg", "p4.jpg", "p5.png", "new.jpg"}
+        assert len(held) == 6 and held.refresh() is False
 
 
 def test_a_damaged_or_unwritable_model_cache_does_not_stop_a_run(photos, tmp_path, monkeypatch, caplog):
