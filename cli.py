@@ -28,6 +28,15 @@ class _EchoHandler(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
+def _log_unraisable(hook) -> None:
+    """Exceptions in destructors: to the debug log, not a traceback after our one-line error.
+
+    A DataLoader whose workers could not start (too many open files) fails in its
+    own __del__ at exit; that is torch's noise, not a second error.
+    """
+    logging.getLogger("lookalike").debug("exception ignored in %r: %s", hook.object, hook.exc_value)
+
+
 class _Group(click.Group):
     """Every error ends as one line on stderr and a non-zero exit, never a traceback."""
 
@@ -35,6 +44,8 @@ class _Group(click.Group):
         prog_name = prog_name or "lookalike"  # also when run as `python -m` or `-c`
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        if not os.environ.get("LOOKALIKE_TRACEBACK"):
+            sys.unraisablehook = _log_unraisable
         try:
             super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:

@@ -159,8 +159,14 @@ class Indexer:
             store = Store(self.db)
             try:
                 summary = self._index(store, roots, device, progress)
-            except OperationalError as exc:  # a failed write (disk full, I/O error): one line
-                reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+            except (OperationalError, OSError) as exc:
+                if isinstance(exc, OperationalError):  # a failed write (disk full, I/O error)
+                    reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+                elif exc.errno in PROCESS_ERRNOS:  # too many open files: say where it stopped
+                    at = f" at {display_path(exc.filename)}" if isinstance(exc.filename, str) else ""
+                    reason = f"the run stopped{at}: {exc.strerror}"
+                else:
+                    raise
                 raise StoreError(f"{store.path}: {reason}; the images committed so far are kept, "
                                  "run again to finish") from None
             finally:

@@ -188,3 +188,24 @@ def test_a_damaged_or_unwritable_model_cache_does_not_stop_a_run(photos, tmp_pat
     with Searcher(db) as s:
         assert float(s.embed(photos / "p0.jpg") @ want) > 0.9999
     assert f"cannot write the model cache in {blocker / 'cache'}" in caplog.text
+
+
+def test_too_many_open_files_is_one_error_and_keeps_the_index(photos, db):
+    index(db, photos)
+    for i in range(4):
+        save_photo(photos / f"more{i}.jpg", seed=900 + i)
+
+    def few_files():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (20, 20))
+
+    proc = subprocess.run(LOOKALIKE + ["index", str(photos), "--db", str(db), "--workers", "2"],
+                          cwd=REPO, preexec_fn=few_files, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {db}: ") and "Too many open files" in last, proc.stderr
+    assert last.endswith("the images committed so far are kept, run again to finish"), proc.stderr
+    with Searcher(db) as s:  # nothing indexed before is lost
+        assert len(s) >= 6
