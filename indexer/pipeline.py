@@ -41,8 +41,6 @@ class _Files:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import torch
-
         try:
             d = open_image(self.paths[i], self.longest, self.max_pixels, timeout=self.timeout)
         except DecodeError as exc:
@@ -52,8 +50,10 @@ class _Files:
                 # Raised in the caller's process, where the DataLoader would not keep errno.
                 return i, None, 0, 0, _ProcessError(exc.errno, exc.strerror, self.paths[i])
             return i, None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split())
-        # A tensor travels from the worker through shared memory, not a pickle.
-        return i, torch.from_numpy(d.pixels), d.width, d.height, None
+        # A NumPy array travels from the worker pickled through the worker's pipe.
+        # A tensor would go through shared memory, passing a file descriptor
+        # per image; short of descriptors, torch's fd passing can hang forever.
+        return i, d.pixels, d.width, d.height, None
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,6 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
                 yield failed
                 failed = []
             continue
-        # Copy out of shared memory: a buffered tensor holds a file descriptor.
-        px = px.numpy().copy()
         shape = px.shape[:2]
         buckets.setdefault(shape, []).append((i, px, w, h))
         buffered += 1

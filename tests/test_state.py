@@ -195,17 +195,33 @@ def test_too_many_open_files_is_one_error_and_keeps_the_index(photos, db):
     for i in range(4):
         save_photo(photos / f"more{i}.jpg", seed=900 + i)
 
-    def few_files():
-        import resource
+    # Where the descriptors run out depends on how many the interpreter opens
+    # first, so a sweep of limits crosses every stage: start-up, the decoding
+    # workers, passing images back. Each ends in one line or a finished run,
+    # never a hang (torch's shared-memory fd passing once hung here).
+    outcomes = set()
+    for limit in range(12, 33, 3):
+        def few_files(limit=limit):
+            import resource
 
-        resource.setrlimit(resource.RLIMIT_NOFILE, (20, 20))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
-    proc = subprocess.run(LOOKALIKE + ["index", str(photos), "--db", str(db), "--workers", "2"],
-                          cwd=REPO, preexec_fn=few_files, capture_output=True, text=True)
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"Error: {db}: ") and "Too many open files" in last, proc.stderr
-    assert last.endswith("the images committed so far are kept, run again to finish"), proc.stderr
-    with Searcher(db) as s:  # nothing indexed before is lost
-        assert len(s) >= 6
+        proc = subprocess.run(LOOKALIKE + ["index", str(photos), "--db", str(db), "--workers", "2"],
+                              cwd=REPO, preexec_fn=few_files, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode in (0, 1), (limit, proc.stderr)
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, (limit, proc.stderr)
+        outcomes.add(proc.returncode)
+        if proc.returncode == 1:
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"Error: {db}: ") and "Too many open files" in last, (limit, proc.stderr)
+            assert last.endswith("the images committed so far are kept, run again to finish"), proc.stderr
+            with Searcher(db) as s:  # nothing indexed before is lost
+                assert len(s) >= 6
+            continue
+        with Searcher(db) as s:
+            assert len(s) == 10
+        for i in range(4):  # something left to do for the next limit
+            (photos / f"more{i}.jpg").unlink()
+            save_photo(photos / f"more{i}.jpg", seed=950 + limit + i)
+    assert outcomes == {0, 1}
