@@ -13,6 +13,7 @@ def describe(db: str | os.PathLike | None = None) -> dict:
     store = Store(db or default_db_path(), create=False)
     try:
         recipe = store.recipe()
+        whitening = store.whitening()
         sizes = {}
         for name, path in (("database", store.path),
                            ("wal", store.path.with_name(store.path.name + "-wal")),
@@ -22,6 +23,7 @@ def describe(db: str | os.PathLike | None = None) -> dict:
         return {
             "database": str(store.path),
             "recipe": dataclasses.asdict(recipe) if recipe else None,
+            "whitening": whitening.describe() if whitening else None,
             "counts": {"ok": store.count(OK), "failed": store.count(FAILED)},
             "failures": [{"path": p, "reason": r} for p, r in store.failures()],
             "sizes": sizes,

@@ -240,6 +240,24 @@ class Store:
             text = self.get_setting(s, "recipe")
         return Recipe.from_json(text) if text else None
 
+    def whitening(self):
+        """The whitening learned from this collection, or None."""
+        from .whitening import Whitening
+
+        with self.session() as s:
+            text = self.get_setting(s, "whitening")
+        return Whitening.from_json(text) if text else None
+
+    def set_whitening(self, session: Session, whitening) -> None:
+        """Store ``whitening`` (None: none); searches pick it up with the new generation."""
+        row = session.get(Setting, "whitening")
+        if whitening is None:
+            if row:
+                session.delete(row)
+        else:
+            self.set_setting(session, "whitening", whitening.to_json())
+        self.bump_generation(session)
+
     def generation(self, session: Session | None = None) -> int:
         """A counter bumped by every commit that changes the embeddings."""
         if session is None:
@@ -286,6 +304,11 @@ class Store:
                                    .where(ImageRow.id.in_(chunk), ImageRow.status == OK)):
                     out[r.id] = (r.path, r.width or 0, r.height or 0)
         return out
+
+    def id_of(self, path: str) -> int | None:
+        """The id of the indexed image at ``path``, or None."""
+        with self.session() as s:
+            return s.execute(select(ImageRow.id).where(ImageRow.path == path, ImageRow.status == OK)).scalar()
 
     def failures(self) -> list[tuple[str, str]]:
         with self.session() as s:

@@ -102,10 +102,14 @@ class Indexer:
                  pooling: str | None = None, gem_p: float | None = None,
                  image_size: int | None = None, device: str = "auto", batch_size: int = 32,
                  workers: int | None = None, include_hidden: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False,
+                 scales: Sequence[float] | None = None, whiten: str | None = "auto"):
         self.db = Path(db).expanduser() if db else default_db_path()
         self.options = dict(model=model, layer=layer, pooling=pooling, gem_p=gem_p,
-                            image_size=image_size)
+                            image_size=image_size, scales=tuple(scales) if scales else None)
+        if whiten not in ("auto", None, "none", "center", "pca"):
+            raise ValueError(f"unknown whitening {whiten!r}; use auto, none, center or pca")
+        self.whiten_mode = whiten
         self.weights = weights
         self.device = device
         if batch_size < 1:
@@ -130,7 +134,7 @@ class Indexer:
             _, sha = resolve_weights(model, self.weights)
             return make_recipe(model, layer=o["layer"], pooling=o["pooling"] or "gem",
                                gem_p=o["gem_p"] or 3.0, image_size=o["image_size"] or 448,
-                               weights_sha256=sha)
+                               weights_sha256=sha, scales=o["scales"] or (1.0,))
         model = o["model"] or stored.model
         same_model = get_spec(model).name == stored.model
         pooling = o["pooling"] or stored.pooling
@@ -140,6 +144,7 @@ class Indexer:
             pooling=pooling,
             gem_p=o["gem_p"] or (stored.gem_p if pooling == stored.pooling and stored.gem_p else 3.0),
             image_size=o["image_size"] or stored.image_size,
+            scales=o["scales"] or stored.scales,
             weights_sha256=resolve_weights(model, self.weights)[1] if self.weights else stored.weights_sha256,
         )
         stored.require_same(asked, str(store.path))
@@ -159,6 +164,7 @@ class Indexer:
             store = Store(self.db)
             try:
                 summary = self._index(store, roots, device, progress)
+                self._auto_whiten(store)
             except (OperationalError, OSError) as exc:
                 if isinstance(exc, OperationalError):  # a failed write (disk full, I/O error)
                     reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
@@ -173,6 +179,55 @@ class Indexer:
                 store.close()
         summary.seconds = time.perf_counter() - start
         return summary
+
+    # -- whitening --------------------------------------------------------
+    def _auto_whiten(self, store: Store) -> None:
+        """Learn centring once the collection is large enough, unless told otherwise."""
+        from .whitening import CENTER_MIN_IMAGES
+
+        if self.whiten_mode in ("center", "pca"):
+            if store.whitening() is None or store.whitening().kind != self.whiten_mode:
+                self._learn(store, self.whiten_mode)
+        elif self.whiten_mode == "auto":
+            if store.whitening() is None and store.count(OK) >= CENTER_MIN_IMAGES:
+                self._learn(store, "center")
+        elif self.whiten_mode in (None, "none") and store.whitening() is not None:
+            self._set_whitening(store, None)
+
+    @staticmethod
+    def _set_whitening(store: Store, whitening) -> None:
+        before = store.generation()
+        with store.session() as s:
+            store.set_whitening(s, whitening)
+            s.commit()
+        vectors.carry_over(store, before)
+
+    def _learn(self, store: Store, kind: str, shrinkage: float | None = None):
+        from .whitening import DEFAULT_SHRINKAGE, learn
+
+        chunks = [v for _, v in store.embeddings()]
+        if not chunks:
+            from .whitening import WhiteningError
+
+            raise WhiteningError(f"{store.path}: the database holds no images to learn whitening from")
+        w = learn(np.concatenate(chunks), kind,
+                  DEFAULT_SHRINKAGE if shrinkage is None else shrinkage,
+                  learned_at=now().strftime("%Y-%m-%d %H:%M:%S"))
+        self._set_whitening(store, w)
+        log.info("%s: %s", store.path, w.describe())
+        return w
+
+    def whiten(self, kind: str = "center", shrinkage: float | None = None):
+        """(Re-)learn whitening from what the database holds now; ``kind`` "none" removes it."""
+        with writer_lock(self.db):
+            store = Store(self.db, create=False)
+            try:
+                if kind in ("none", None):
+                    self._set_whitening(store, None)
+                    return None
+                return self._learn(store, kind, shrinkage)
+            finally:
+                store.close()
 
     def _index(self, store: Store, roots: list[str], device: str,
                progress: Progress | None) -> Summary:

@@ -49,6 +49,24 @@ def is_current(store: Store) -> bool:
             and meta.get("count") == store.count("ok"))
 
 
+def carry_over(store: Store, before: int) -> None:
+    """After a commit that changed no embedding (whitening), keep a current FAISS file current.
+
+    The caller holds the writer's lock. The vectors on disk are the raw
+    descriptors, which whitening does not touch; only the sidecar's
+    generation moves, so that searchers reload.
+    """
+    meta_path = _meta_path(store.path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return
+    if meta.get("generation") == before and meta.get("count") == store.count("ok"):
+        meta["generation"] = store.generation()
+        text = json.dumps(meta)
+        _write_atomically(meta_path, lambda tmp: Path(tmp).write_text(text))
+
+
 def load(store: Store, dim: int, save_rebuilt: bool = True):
     """The FAISS index for ``store``, read from disk if it matches the database, else rebuilt.
 
