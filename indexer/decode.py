@@ -187,8 +187,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def open_image(source: str | os.PathLike | Image.Image, longest: int,
-               max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float | None = None) -> Decoded:
+               max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float | None = None,
+               box: tuple[float, float, float, float] | None = None) -> Decoded:
     """Decode ``source`` upright, in RGB, with its longest side set to ``longest``.
+
+    ``box`` (x0, y0, x1, y1, in pixels of the upright image) keeps only that
+    region, which then gets the longest side ``longest``.
 
     Raises DecodeError with a one-line reason for anything that is not a
     readable image within ``max_pixels``, or, with ``timeout`` (seconds), one
@@ -201,14 +205,14 @@ def open_image(source: str | os.PathLike | Image.Image, longest: int,
     limit = time_limit(timeout)
     try:
         with limit:
-            return _open(source, longest, max_pixels)
+            return _open(source, longest, max_pixels, box)
     except TimeLimitExpired as exc:
         if exc.args[0] is not limit:
             raise  # an outer limit, shorter than ours: its owner reports it
         raise DecodeError(f"decoding took longer than {timeout:g} s") from None
 
 
-def _open(source, longest: int, max_pixels: int) -> Decoded:
+def _open(source, longest: int, max_pixels: int, box=None) -> Decoded:
     """open_image without the time limit: every failure becomes a DecodeError."""
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -217,13 +221,13 @@ def _open(source, longest: int, max_pixels: int) -> Decoded:
             warnings.simplefilter("always")
             try:
                 if isinstance(source, Image.Image):
-                    return _decode(source, longest, max_pixels, own=False)
+                    return _decode(source, longest, max_pixels, own=False, box=box)
                 if os.path.getsize(source) == 0:
                     raise DecodeError("empty file")
                 # Close the file on every path: Pillow keeps multi-frame files
                 # (GIF, TIFF) and files that failed to load open otherwise.
                 with Image.open(source) as im:
-                    return _decode(im, longest, max_pixels, own=True)
+                    return _decode(im, longest, max_pixels, own=True, box=box)
             finally:
                 for w in caught:
                     if not issubclass(w.category, Image.DecompressionBombWarning):
@@ -296,13 +300,13 @@ def _check_size(w: int, h: int, max_pixels: int) -> None:
         )
 
 
-def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool) -> Decoded:
+def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool, box=None) -> Decoded:
     """``own``: the image was opened here, so draft mode may shrink it in place."""
     w, h = im.size
     # Before load(): Image.open has read the header only, no pixel is decoded yet (libwebp
     # reserves its canvas at open, but the memory is not touched until decoding).
     _check_size(w, h, max_pixels)
-    if own and getattr(im, "format", None) == "JPEG":
+    if own and box is None and getattr(im, "format", None) == "JPEG":
         scale = longest / max(w, h)
         if scale < 1:
             im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
@@ -321,6 +325,8 @@ def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool) -> Decode
     # EXIF orientation 5-8 swaps width and height.
     upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     im = _to_rgb(im)
+    if box is not None:
+        im = im.crop(_crop_box(box, upright, im.size))
     size = target_size(im.width, im.height, longest)
     if im.size != size:
         im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -328,6 +334,18 @@ def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool) -> Decode
     if pixels.shape != (size[1], size[0], 3):
         raise DecodeError(f"the decoder gave pixels of shape {pixels.shape}, not {size[1]}x{size[0]}x3")
     return Decoded(pixels.copy(), upright[0], upright[1])
+
+
+def _crop_box(box, upright: tuple[int, int], actual: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` in pixels of the upright file, as a crop of the decoded image (maybe drafted)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = upright
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise DecodeError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is not inside the {w}x{h} image "
+                          "(x0 < x1, y0 < y1, in pixels)")
+    sx, sy = actual[0] / w, actual[1] / h
+    return (int(x0 * sx), int(y0 * sy), max(int(x0 * sx) + 1, round(x1 * sx)),
+            max(int(y0 * sy) + 1, round(y1 * sy)))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

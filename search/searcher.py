@@ -18,6 +18,11 @@ from indexer.store import Store, StoreError, default_db_path, writer_lock
 log = logging.getLogger(__name__)
 
 Query = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
+Box = tuple[float, float, float, float]
+DEFAULT_ALPHA = 3.0
+# Alpha-query expansion by default: neighbours weighted by similarity**3 add
+# little unless they are close, so a query with no close match barely moves.
+DEFAULT_QE = 5
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,15 @@ class Searcher:
     """
 
     def __init__(self, db: str | os.PathLike | None = None, *, device: str = "auto",
-                 weights: str | os.PathLike | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 weights: str | os.PathLike | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 dba: int = 0, alpha: float = DEFAULT_ALPHA):
+        """``dba``: database-side augmentation, each indexed descriptor replaced by the
+        alpha-weighted sum of itself and its ``dba`` nearest neighbours (done on load)."""
         from indexer.encoder import resolve_device
+
+        if dba < 0:
+            raise ValueError("dba must be 0 or more")
+        self.dba, self.alpha = int(dba), float(alpha)
 
         self.store = Store(Path(db).expanduser() if db else default_db_path(), create=False)
         try:
@@ -85,9 +97,33 @@ class Searcher:
                     # rebuild after each of its batches; it saves a new one at the end.
                     return False
                 cpu = vectors.load(self.store, self.recipe.dim, save_rebuilt=writer)
+            self.whitening = self.store.whitening()
+            cpu = self._transformed(cpu)
             self._cpu_index, self.index = cpu, vectors.to_device(cpu, self.device)
             self._generation = generation
             return True
+
+    def _transformed(self, raw):
+        """The index to search: the stored descriptors whitened and augmented, as asked."""
+        if self.whitening is None and not self.dba:
+            return raw
+        import faiss
+
+        n = raw.ntotal
+        ids = faiss.vector_to_array(raw.id_map).astype(np.int64)
+        x = raw.index.reconstruct_n(0, n) if n else np.zeros((0, self.recipe.dim), np.float32)
+        if self.whitening is not None:
+            x = self.whitening.apply(x)
+        if self.dba and n > 1:
+            flat = faiss.IndexFlatIP(x.shape[1])
+            flat.add(x)
+            sims, nn = flat.search(x, min(self.dba + 1, n))  # the first is the image itself
+            w = np.maximum(sims, 0) ** self.alpha
+            x = l2n((x[nn] * w[..., None]).sum(axis=1)).astype(np.float32)
+        index = vectors.new_index(x.shape[1])
+        if n:
+            index.add_with_ids(np.ascontiguousarray(x), ids)
+        return index
 
     def __enter__(self) -> "Searcher":
         return self
@@ -111,13 +147,44 @@ class Searcher:
                 self._encoder = Encoder(self.recipe, self.weights, self.device)
             return self._encoder
 
-    def embed(self, query: Query) -> np.ndarray:
-        """The descriptor of ``query`` (float32, L2-normalised)."""
+    def embed(self, query: Query, *, box: Box | None = None, rotation: int = 0,
+              flip: bool = False) -> np.ndarray:
+        """The descriptor of ``query`` as the index stores it (float32, L2-normalised).
+
+        ``box`` (x0, y0, x1, y1 in pixels of the upright image) describes only
+        that region; ``rotation`` (0, 90, 180, 270, counter-clockwise) and
+        ``flip`` (mirror left-right) transform the image first.
+        """
         if isinstance(query, np.ndarray) and query.ndim == 1:
             if query.shape[0] != self.recipe.dim:
                 raise ValueError(f"descriptor has {query.shape[0]} dims, the index {self.recipe.dim}")
             vec = query.astype(np.float32)
             return l2n(vec)
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, not {rotation}")
+        return self.encoder.embed(_turn(self._pixels(query, box), rotation, flip))[0]
+
+    def search(self, query: Query, k: int = 10, *, qe: int = DEFAULT_QE, box: Box | None = None,
+               rotations: bool = False, flip: bool = False,
+               exclude: Iterable[int] = ()) -> list[Match]:
+        """The ``k`` indexed images most similar to ``query``, best first.
+
+        ``qe``: alpha-query expansion with that many top results (0: none). ``rotations``:
+        also try the query turned by 90, 180 and 270 degrees, and ``flip``
+        mirrored; each image keeps its best score. ``box``: query by a region
+        of the image. ``exclude``: database ids left out of the results and of
+        the expansion (for example the query's own entry).
+        """
+        if isinstance(query, np.ndarray) and query.ndim == 1:
+            vecs = [self.embed(query)]
+        else:
+            pixels = self._pixels(query, box)
+            turns = [(r, f) for r in (ROTATIONS if rotations else (0,)) for f in ((False, True) if flip else (False,))]
+            batch = [_turn(pixels, r, f) for r, f in turns]
+            vecs = [self.encoder.embed(b)[0] for b in batch]
+        return self.search_vectors(np.stack(vecs), k, qe=qe, exclude=exclude, merge=True)[0]
+
+    def _pixels(self, query: Query, box: Box | None) -> np.ndarray:
         if isinstance(query, np.ndarray):
             from PIL import Image
 
@@ -125,41 +192,97 @@ class Searcher:
                 raise ValueError(f"an image array must be H x W x 3 uint8, not {query.shape} "
                                  f"{query.dtype}")
             query = Image.fromarray(np.ascontiguousarray(query), "RGB")
-        decoded = open_image(query, self.recipe.image_size, self.max_pixels)
-        return self.encoder.embed(decoded.pixels)[0]
+        return open_image(query, self.recipe.image_size, self.max_pixels, box=box).pixels
 
-    def search(self, query: Query, k: int = 10) -> list[Match]:
-        """The ``k`` indexed images most similar to ``query``, best first."""
-        return self.search_vectors(self.embed(query)[None], k)[0]
+    def search_vectors(self, vecs: np.ndarray, k: int = 10, *, qe: int = DEFAULT_QE,
+                       exclude: Iterable[int] = (), merge: bool = False) -> list[list[Match]]:
+        """Nearest neighbours for each row of ``vecs`` (N x dim descriptors as ``embed`` gives).
 
-    def search_vectors(self, vecs: np.ndarray, k: int = 10) -> list[list[Match]]:
-        """Nearest neighbours for each row of ``vecs`` (N x dim)."""
+        With ``merge``, the rows are views of one query (turned, mirrored): one
+        result list, each image with its best score over the rows.
+        """
         if k < 1:
             raise ValueError("k must be at least 1")
+        if qe < 0:
+            raise ValueError("qe must be 0 or more")
         self._refresh()
-        k = min(k, len(self))
-        if k == 0:
-            return [[] for _ in vecs]
-        # FAISS on the GPU answers at most 2048 neighbours; the CPU copy has no limit.
-        index = self.index if k <= 2048 else self._cpu_index
         vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
         if vecs.shape[1] != self.recipe.dim:
             raise ValueError(f"descriptors have {vecs.shape[1]} dims, the index {self.recipe.dim}")
-        vecs = np.ascontiguousarray(l2n(vecs))
-        scores, ids = index.search(vecs, k)
+        exclude = {int(i) for i in exclude}
+        total = len(self)
+        if total == 0:
+            return [[]] if merge else [[] for _ in vecs]
+        q0 = self.whitening.apply(vecs) if self.whitening is not None else np.ascontiguousarray(l2n(vecs))
+        want = min(total, k + len(exclude))
+        scores, ids = self._search(q0, max(want, min(total, qe + len(exclude))))
+        if qe:
+            scores, ids = self._search(self._expand(q0, scores, ids, qe, exclude), want)
+        if merge:
+            best: dict[int, float] = {}
+            for srow, irow in zip(scores, ids):
+                for sc, i in zip(srow, irow):
+                    if i >= 0 and best.get(int(i), -np.inf) < sc:
+                        best[int(i)] = float(sc)
+            order = sorted(best, key=best.get, reverse=True)
+            ids = np.array([order], dtype=np.int64)
+        if qe or merge:
+            # Ranked by the expanded query and the best view, but the score stays
+            # the cosine between the query as given and the image: a copy scores 1.
+            scores = np.stack([self._cosines(q0, row) for row in ids])
+        return self._matches(scores, ids, k, exclude)
+
+    def _cosines(self, q0: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Best cosine over the rows of ``q0`` for each id (-inf for -1)."""
+        valid = ids >= 0
+        out = np.full(len(ids), -np.inf, dtype=np.float32)
+        if valid.any():
+            x = self._cpu_index.reconstruct_batch(ids[valid])
+            out[valid] = (x @ q0.T).max(axis=1)
+        return out
+
+    def _search(self, q: np.ndarray, k: int):
+        # FAISS on the GPU answers at most 2048 neighbours; the CPU copy has no limit.
+        index = self.index if k <= 2048 else self._cpu_index
+        return index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+
+    def _expand(self, q, scores, ids, n: int, exclude: set[int]) -> np.ndarray:
+        """Alpha-query expansion: the query plus its top ``n`` results weighted by score**alpha."""
+        out = q.astype(np.float32).copy()
+        for row, (srow, irow) in enumerate(zip(scores, ids)):
+            kept = [(s, i) for s, i in zip(srow, irow) if i >= 0 and int(i) not in exclude][:n]
+            for s, i in kept:
+                out[row] += max(float(s), 0.0) ** self.alpha * self._cpu_index.reconstruct(int(i))
+        return np.ascontiguousarray(l2n(out))
+
+    def _matches(self, scores, ids, k: int, exclude: set[int]) -> list[list[Match]]:
         rows = self.store.describe_ids(i for i in ids.ravel() if i >= 0)
         out = []
         for srow, irow in zip(scores, ids):
             matches = []
             for score, i in zip(srow, irow):
-                if int(i) in rows:
+                if int(i) in rows and int(i) not in exclude and len(matches) < k:
                     path, width, height = rows[int(i)]
                     # Rounding can put an image's cosine with itself a hair above 1.
                     matches.append(Match(int(i), path, min(1.0, float(score)), width, height))
             out.append(matches)
         return out
 
-    def search_many(self, queries: Iterable[Query], k: int = 10) -> Iterable[list[Match]]:
-        """Search each query in turn; yields one result list per query."""
+    def search_many(self, queries: Iterable[Query], k: int = 10, **options) -> Iterable[list[Match]]:
+        """Search each query in turn (``options`` as for ``search``); yields one result list per query."""
         for q in queries:
-            yield self.search(q, k)
+            yield self.search(q, k, **options)
+
+    def id_of(self, path: str | os.PathLike) -> int | None:
+        """The database id of an indexed file, or None."""
+        return self.store.id_of(os.path.abspath(os.fspath(path)))
+
+
+ROTATIONS = (0, 90, 180, 270)
+
+
+def _turn(pixels: np.ndarray, rotation: int, flip: bool) -> np.ndarray:
+    """``pixels`` (H x W x 3) mirrored left-right if ``flip``, then turned counter-clockwise."""
+    if flip:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(np.rot90(pixels, rotation // 90))

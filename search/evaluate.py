@@ -1,0 +1,188 @@
+"""Retrieval quality on a labelled image set: index it, query every image, score the rankings.
+
+The ground truth is a CSV with columns ``path`` (relative to the set's folder)
+and ``group`` (images of one group are relevant to each other), and an
+optional ``query`` column (1/true/yes marks the queries; without it every
+image is one). Each query is ranked against the rest, itself left out, with
+the same public ``Searcher`` calls an application makes.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RECALL_AT = (10, 100)
+
+
+class GroundTruthError(ValueError):
+    """The ground-truth file cannot be used; str() says why."""
+
+
+# -- metrics: pure functions of one ranking ----------------------------------
+def average_precision(relevant: Sequence[bool], total_relevant: int | None = None) -> float:
+    """AP of a ranking given as relevance flags, best first.
+
+    ``total_relevant`` counts relevant items that the ranking may have missed
+    (default: those in it); each missed one adds a precision of 0.
+    """
+    rel = np.asarray(relevant, dtype=bool)
+    total = int(rel.sum()) if total_relevant is None else int(total_relevant)
+    if total == 0:
+        return 0.0
+    hits = np.cumsum(rel)
+    precisions = hits[rel] / (np.flatnonzero(rel) + 1)
+    return float(precisions.sum() / total)
+
+
+def precision_at(relevant: Sequence[bool], k: int) -> float:
+    """Share of relevant items among the first ``k`` (a short ranking counts its gaps as misses)."""
+    return float(np.sum(np.asarray(relevant[:k], dtype=bool)) / k)
+
+
+def recall_at(relevant: Sequence[bool], k: int, total_relevant: int) -> float:
+    """Share of all ``total_relevant`` items found among the first ``k``."""
+    if total_relevant == 0:
+        return 0.0
+    return float(np.sum(np.asarray(relevant[:k], dtype=bool)) / total_relevant)
+
+
+# -- the run -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    group: str
+    query: bool
+
+
+@dataclass
+class Evaluation:
+    """Scores of one evaluation run; ``lines()`` for people, ``to_dict()`` for JSON."""
+
+    dataset: str
+    images: int
+    queries: int
+    map: float
+    precision_at_1: float
+    precision_at_10: float
+    recall: dict[int, float]
+    index_images_per_s: float | None
+    queries_per_s: float
+    recipe: dict
+    whitening: str | None
+    query_options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["recall"] = {str(k): v for k, v in self.recall.items()}
+        return d
+
+    def lines(self) -> list[str]:
+        r = self.recipe
+        speed = (f"{self.index_images_per_s:.1f} images/s" if self.index_images_per_s
+                 else "already indexed")
+        opts = ", ".join(f"{k} {v}" for k, v in self.query_options.items() if v) or "none"
+        return [
+            f"{self.dataset}: {self.queries} queries against {self.images} images",
+            f"recipe: {r['model']}, layer {r['layer']}, {r['pooling']}"
+            + (f" p={r['gem_p']:g}" if r["pooling"] == "gem" else "")
+            + f", {r['image_size']} px, scales {','.join(f'{s:g}' for s in r['scales'])}; "
+            f"whitening: {self.whitening or 'none'}; query options: {opts}",
+            f"mAP {self.map:.3f}  P@1 {self.precision_at_1:.3f}  P@10 {self.precision_at_10:.3f}  "
+            + "  ".join(f"R@{k} {v:.3f}" for k, v in self.recall.items()),
+            f"speed: indexing {speed}, querying {self.queries_per_s:.1f} queries/s",
+        ]
+
+
+def read_groundtruth(csv_path: str | os.PathLike, root: str | os.PathLike) -> list[Entry]:
+    """The entries of a ground-truth CSV, with absolute paths under ``root``."""
+    csv_path, root = Path(csv_path), Path(root)
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or ())
+            if not {"path", "group"} <= columns:
+                raise GroundTruthError(f"{csv_path}: needs the columns path and group, "
+                                       f"has {', '.join(sorted(columns)) or 'none'}")
+            has_query = "query" in columns
+            entries = []
+            for line, row in enumerate(reader, start=2):
+                if not row["path"] or not row["group"]:
+                    raise GroundTruthError(f"{csv_path}:{line}: empty path or group")
+                flag = (row.get("query") or "").strip().lower() in ("1", "true", "yes", "y")
+                entries.append(Entry(os.path.abspath(root / row["path"]), row["group"],
+                                     flag if has_query else True))
+    except OSError as exc:
+        raise GroundTruthError(f"{csv_path}: cannot read the ground truth ({exc.strerror or exc})") from None
+    if not entries:
+        raise GroundTruthError(f"{csv_path}: no images listed")
+    if not any(e.query for e in entries):
+        raise GroundTruthError(f"{csv_path}: no row is marked as a query")
+    return entries
+
+
+def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None = None, *,
+             db: str | os.PathLike | None = None, qe: int | None = None, dba: int = 0,
+             rotations: bool = False, flip: bool = False, device: str = "auto",
+             progress: Callable[[int, int], None] | None = None,
+             **index_options) -> Evaluation:
+    """Index ``dataset`` (into ``db``, or a temporary database) and score every query.
+
+    ``index_options`` go to ``Indexer`` (model, layer, pooling, gem_p,
+    image_size, scales, whiten, weights, workers...); ``qe``, ``dba``,
+    ``rotations`` and ``flip`` to ``Searcher``. Images listed but not indexed
+    (a file that failed) still count as relevant items never found.
+    """
+    from indexer import Indexer
+
+    from .searcher import DEFAULT_QE, Searcher
+
+    root = Path(dataset).expanduser()
+    entries = read_groundtruth(Path(groundtruth) if groundtruth else root / "groundtruth.csv", root)
+    qe = DEFAULT_QE if qe is None else qe
+    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
+        db_path = Path(db) if db else Path(tmp) / "evaluate.db"
+        summary = Indexer(db_path, device=device, **index_options).index(
+            [root], progress=progress)
+        embedded_per_s = summary.embedded / summary.seconds if summary.embedded else None
+        with Searcher(db_path, device=device, dba=dba, weights=index_options.get("weights")) as s:
+            group_of = {e.path: e.group for e in entries}
+            sizes: dict[str, int] = {}
+            for e in entries:
+                sizes[e.group] = sizes.get(e.group, 0) + 1
+            queries = [e for e in entries if e.query]
+            aps, p1, p10 = [], [], []
+            recall = {k: [] for k in RECALL_AT}
+            n = len(s)
+            start = time.perf_counter()
+            for q in queries:
+                own = s.id_of(q.path)
+                matches = s.search(q.path, k=n, qe=qe, rotations=rotations, flip=flip,
+                                   exclude=[own] if own is not None else [])
+                rel = [group_of.get(m.path) == q.group for m in matches]
+                total = sizes[q.group] - 1
+                aps.append(average_precision(rel, total))
+                p1.append(precision_at(rel, 1))
+                p10.append(precision_at(rel, 10))
+                for k in RECALL_AT:
+                    recall[k].append(recall_at(rel, k, total))
+            took = time.perf_counter() - start
+            whitening = s.whitening.describe() if s.whitening is not None else None
+            recipe = asdict(s.recipe)
+    return Evaluation(
+        dataset=root.name, images=n, queries=len(queries), map=float(np.mean(aps)),
+        precision_at_1=float(np.mean(p1)), precision_at_10=float(np.mean(p10)),
+        recall={k: float(np.mean(v)) for k, v in recall.items()},
+        index_images_per_s=embedded_per_s, queries_per_s=len(queries) / took if took else 0.0,
+        recipe=recipe, whitening=whitening,
+        query_options={"qe": qe, "dba": dba, "rotations": rotations, "flip": flip},
+    )
