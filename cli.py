@@ -97,24 +97,28 @@ def main(verbose: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    if text == "multi":
-        from indexer.recipe import MULTI_SCALE
-
-        return MULTI_SCALE
+def _numbers(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-def _box(text: str | None):
+def _scales(ctx, param, text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
-    parts = _floats(text)
-    if parts is None or len(parts) != 4:
+    if text == "multi":
+        from indexer.recipe import MULTI_SCALE
+
+        return MULTI_SCALE
+    return _numbers(text)
+
+
+def _box(ctx, param, text: str | None):
+    if text is None:
+        return None
+    parts = _numbers(text)
+    if len(parts) != 4:
         raise click.BadParameter(f"{text!r}: give four numbers X0,Y0,X1,Y1 (pixels)")
     return parts
 
@@ -137,7 +141,7 @@ def recipe_options(f):
         click.option("--pooling", type=click.Choice(["gem", "mac", "spoc", "rmac"]), help="Pooling [default: gem]."),
         click.option("--gem-p", type=click.FloatRange(min=1.0, max=100.0), help="GeM exponent [default: 3]."),
         click.option("--image-size", type=click.IntRange(32, 4096), help="Longest side fed to the model [default: 448]."),
-        click.option("--scales", help=SCALES_HELP),
+        click.option("--scales", callback=_scales, help=SCALES_HELP),
         click.option("--whiten", type=click.Choice(["auto", "center", "pca", "none"]), default="auto",
                      show_default=True, help=WHITEN_HELP),
     ]):
@@ -176,7 +180,7 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, 
 
     try:
         indexer = Indexer(db, model=model, weights=weights, layer=layer, pooling=pooling,
-                          gem_p=gem_p, image_size=image_size, scales=_floats(scales), whiten=whiten,
+                          gem_p=gem_p, image_size=image_size, scales=scales, whiten=whiten,
                           device=device, batch_size=batch_size, workers=workers,
                           include_hidden=hidden, retry_failed=retry_failed)
         bar = None
@@ -233,7 +237,7 @@ def _query_paths(images: tuple[str, ...]):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
 @query_options
-@click.option("--box", help="Query by a region of the image: X0,Y0,X1,Y1 in pixels (upright image).")
+@click.option("--box", callback=_box, help="Query by a region of the image: X0,Y0,X1,Y1 in pixels (upright image).")
 def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, box) -> None:
     """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin)."""
     from indexer import DecodeError
@@ -243,7 +247,7 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, box
     from search.searcher import DEFAULT_QE
 
     failures = 0
-    options = dict(qe=DEFAULT_QE if qe is None else qe, rotations=rotations, flip=flip, box=_box(box))
+    options = dict(qe=DEFAULT_QE if qe is None else qe, rotations=rotations, flip=flip, box=box)
     try:
         with Searcher(db, device=device, weights=weights, dba=dba) as searcher:
             if not len(searcher):
@@ -285,7 +289,7 @@ def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, im
     try:
         result = run(dataset, groundtruth, db=db, qe=qe, dba=dba, rotations=rotations, flip=flip,
                      device=device, model=model, weights=weights, layer=layer, pooling=pooling,
-                     gem_p=gem_p, image_size=image_size, scales=_floats(scales), whiten=whiten,
+                     gem_p=gem_p, image_size=image_size, scales=scales, whiten=whiten,
                      workers=workers)
     except _user_errors() as exc:
         raise _fail(exc) from None
@@ -301,12 +305,15 @@ def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, im
 @click.option("--kind", type=click.Choice(["center", "pca", "none"]), default="center", show_default=True,
               help="center: subtract the collection's mean; pca: PCA whitening (needs 2 images per "
                    "dimension); none: remove it.")
-@click.option("--shrinkage", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
-              help="For pca: eigenvalues blended with their mean (0: full whitening, 1: none).")
+@click.option("--shrinkage", type=click.FloatRange(0.0, 1.0),
+              help="For pca: eigenvalues blended with their mean (0: full whitening, 1: a rotation) "
+                   "[default: 0.5].")
 def whiten(db, kind, shrinkage) -> None:
     """Learn the whitening again from what the database holds now."""
     from indexer import Indexer
 
+    if shrinkage is not None and kind != "pca":
+        raise click.UsageError("--shrinkage applies to --kind pca only")
     try:
         w = Indexer(db).whiten(kind, shrinkage)
     except _user_errors() as exc:

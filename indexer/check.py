@@ -221,7 +221,9 @@ class _Checker:
             self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: unreadable ({reason})"))
             return
         self.report.faiss_vectors = int(index.ntotal)
-        if meta.get("recipe") and meta["recipe"] != self.recipe.to_json():
+        # Compared as recipes, not text: a sidecar from before a field existed
+        # (scales) reads with that field's default.
+        if meta.get("recipe") and Recipe.from_json(meta["recipe"]) != self.recipe:
             self.faiss_recipe = Recipe.from_json(meta["recipe"])
             diff = "; ".join(d.replace("index has ", "FAISS file has ").replace("asked for ", "database ")
                              for d in self.faiss_recipe.differences(self.recipe))

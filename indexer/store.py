@@ -244,18 +244,17 @@ class Store:
         """The whitening learned from this collection, or None."""
         from .whitening import Whitening
 
+        text = self.whitening_setting()
+        return Whitening.from_json(text) if text and text != "none" else None
+
+    def whitening_setting(self) -> str | None:
+        """The stored whitening as text: None (never set), "none" (turned off) or its JSON."""
         with self.session() as s:
-            text = self.get_setting(s, "whitening")
-        return Whitening.from_json(text) if text else None
+            return self.get_setting(s, "whitening")
 
     def set_whitening(self, session: Session, whitening) -> None:
-        """Store ``whitening`` (None: none); searches pick it up with the new generation."""
-        row = session.get(Setting, "whitening")
-        if whitening is None:
-            if row:
-                session.delete(row)
-        else:
-            self.set_setting(session, "whitening", whitening.to_json())
+        """Store ``whitening`` (None: turned off, and it stays off); searches reload."""
+        self.set_setting(session, "whitening", "none" if whitening is None else whitening.to_json())
         self.bump_generation(session)
 
     def generation(self, session: Session | None = None) -> int:

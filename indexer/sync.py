@@ -182,16 +182,21 @@ class Indexer:
 
     # -- whitening --------------------------------------------------------
     def _auto_whiten(self, store: Store) -> None:
-        """Learn centring once the collection is large enough, unless told otherwise."""
+        """Learn centring once the collection is large enough, unless told otherwise.
+
+        "auto" never overrides a choice stored before: a whitening learned on
+        request, or one turned off (``whiten("none")``), stays as it is.
+        """
         from .whitening import CENTER_MIN_IMAGES
 
+        stored = store.whitening()
         if self.whiten_mode in ("center", "pca"):
-            if store.whitening() is None or store.whitening().kind != self.whiten_mode:
+            if stored is None or stored.kind != self.whiten_mode:
                 self._learn(store, self.whiten_mode)
         elif self.whiten_mode == "auto":
-            if store.whitening() is None and store.count(OK) >= CENTER_MIN_IMAGES:
+            if store.whitening_setting() is None and store.count(OK) >= CENTER_MIN_IMAGES:
                 self._learn(store, "center")
-        elif self.whiten_mode in (None, "none") and store.whitening() is not None:
+        elif store.whitening_setting() != "none":
             self._set_whitening(store, None)
 
     @staticmethod

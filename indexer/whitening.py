@@ -93,7 +93,7 @@ def learn(vecs: np.ndarray, kind: str = "center", shrinkage: float = DEFAULT_SHR
         why = ("centring needs" if kind == "center"
                else f"PCA whitening of {dim}-dimensional descriptors needs")
         raise WhiteningError(f"{why} at least {need} images; the collection has {n}"
-                             + ("; use --whiten center" if kind == "pca" else ""))
+                             + (f"; centring needs {CENTER_MIN_IMAGES}" if kind == "pca" else ""))
     if not 0.0 <= shrinkage <= 1.0:
         raise WhiteningError(f"shrinkage {shrinkage} out of range 0..1")
     mean = x.mean(axis=0)

@@ -80,6 +80,8 @@ class Evaluation:
     recipe: dict
     whitening: str | None
     query_options: dict = field(default_factory=dict)
+    skipped_alone: int = 0  # queries whose group has no other image
+    unreadable_queries: int = 0  # queries that could not be decoded (scored 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -91,8 +93,14 @@ class Evaluation:
         speed = (f"{self.index_images_per_s:.1f} images/s" if self.index_images_per_s
                  else "already indexed")
         opts = ", ".join(f"{k} {v}" for k, v in self.query_options.items() if v) or "none"
+        notes = []
+        if self.skipped_alone:
+            notes.append(f"{self.skipped_alone} left out: alone in their group")
+        if self.unreadable_queries:
+            notes.append(f"{self.unreadable_queries} unreadable, scored 0")
         return [
-            f"{self.dataset}: {self.queries} queries against {self.images} images",
+            f"{self.dataset}: {self.queries} queries against {self.images} images"
+            + (f" ({'; '.join(notes)})" if notes else ""),
             f"recipe: {r['model']}, layer {r['layer']}, {r['pooling']}"
             + (f" p={r['gem_p']:g}" if r["pooling"] == "gem" else "")
             + f", {r['image_size']} px, scales {','.join(f'{s:g}' for s in r['scales'])}; "
@@ -142,7 +150,7 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
     ``rotations`` and ``flip`` to ``Searcher``. Images listed but not indexed
     (a file that failed) still count as relevant items never found.
     """
-    from indexer import Indexer
+    from indexer import DecodeError, Indexer
 
     from .searcher import DEFAULT_QE, Searcher
 
@@ -159,15 +167,25 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
             sizes: dict[str, int] = {}
             for e in entries:
                 sizes[e.group] = sizes.get(e.group, 0) + 1
-            queries = [e for e in entries if e.query]
+            # A query with nothing else in its group has no ranking to score:
+            # left out, and counted (mAP over the rest, as is usual).
+            queries = [e for e in entries if e.query and sizes[e.group] > 1]
+            alone = sum(1 for e in entries if e.query and sizes[e.group] == 1)
+            unreadable = 0
             aps, p1, p10 = [], [], []
             recall = {k: [] for k in RECALL_AT}
             n = len(s)
             start = time.perf_counter()
             for q in queries:
                 own = s.id_of(q.path)
-                matches = s.search(q.path, k=n, qe=qe, rotations=rotations, flip=flip,
-                                   exclude=[own] if own is not None else [])
+                try:
+                    matches = s.search(q.path, k=n, qe=qe, rotations=rotations, flip=flip,
+                                       exclude=[own] if own is not None else [])
+                except (DecodeError, OSError) as exc:
+                    # A query that cannot be read finds nothing: it scores 0, the run goes on.
+                    log.warning("%s: cannot be queried (%s); it scores 0", q.path, exc)
+                    unreadable += 1
+                    matches = []
                 rel = [group_of.get(m.path) == q.group for m in matches]
                 total = sizes[q.group] - 1
                 aps.append(average_precision(rel, total))
@@ -178,6 +196,8 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
             took = time.perf_counter() - start
             whitening = s.whitening.describe() if s.whitening is not None else None
             recipe = asdict(s.recipe)
+    if not queries:
+        raise GroundTruthError(f"{root}: no query has another image of its group to find")
     return Evaluation(
         dataset=root.name, images=n, queries=len(queries), map=float(np.mean(aps)),
         precision_at_1=float(np.mean(p1)), precision_at_10=float(np.mean(p10)),
@@ -185,4 +205,5 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
         index_images_per_s=embedded_per_s, queries_per_s=len(queries) / took if took else 0.0,
         recipe=recipe, whitening=whitening,
         query_options={"qe": qe, "dba": dba, "rotations": rotations, "flip": flip},
+        skipped_alone=alone, unreadable_queries=unreadable,
     )

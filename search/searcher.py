@@ -97,24 +97,37 @@ class Searcher:
                     # rebuild after each of its batches; it saves a new one at the end.
                     return False
                 cpu = vectors.load(self.store, self.recipe.dim, save_rebuilt=writer)
-            self.whitening = self.store.whitening()
-            cpu = self._transformed(cpu)
-            self._cpu_index, self.index = cpu, vectors.to_device(cpu, self.device)
+                whitening = self.store.whitening()
+            cpu = self._transformed(cpu, whitening)
+            # One assignment: a search in another thread sees the old state or the
+            # new one whole, never a new whitening with an old index.
+            self._loaded = _Loaded(whitening, cpu, vectors.to_device(cpu, self.device))
             self._generation = generation
             return True
 
-    def _transformed(self, raw):
+    @property
+    def whitening(self):
+        """The collection's whitening applied to the index and to queries (None: none)."""
+        return self._loaded.whitening
+
+    @property
+    def index(self):
+        """The FAISS index searched (whitened, augmented; on the GPU when there is one)."""
+        return self._loaded.index
+
+    def _transformed(self, raw, whitening):
         """The index to search: the stored descriptors whitened and augmented, as asked."""
-        if self.whitening is None and not self.dba:
+        if whitening is None and not self.dba:
             return raw
         import faiss
 
         n = raw.ntotal
         ids = faiss.vector_to_array(raw.id_map).astype(np.int64)
         x = raw.index.reconstruct_n(0, n) if n else np.zeros((0, self.recipe.dim), np.float32)
-        if self.whitening is not None:
-            x = self.whitening.apply(x)
+        if whitening is not None:
+            x = whitening.apply(x)
         if self.dba and n > 1:
+            # Exact n x n search: fine for a desktop collection, slow for millions.
             flat = faiss.IndexFlatIP(x.shape[1])
             flat.add(x)
             sims, nn = flat.search(x, min(self.dba + 1, n))  # the first is the image itself
@@ -135,7 +148,7 @@ class Searcher:
         self.store.close()
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return int(self._loaded.cpu.ntotal)
 
     @property
     def encoder(self):
@@ -156,6 +169,8 @@ class Searcher:
         ``flip`` (mirror left-right) transform the image first.
         """
         if isinstance(query, np.ndarray) and query.ndim == 1:
+            if box is not None or rotation or flip:
+                raise ValueError("box, rotation and flip need an image, not a descriptor")
             if query.shape[0] != self.recipe.dim:
                 raise ValueError(f"descriptor has {query.shape[0]} dims, the index {self.recipe.dim}")
             vec = query.astype(np.float32)
@@ -176,6 +191,8 @@ class Searcher:
         the expansion (for example the query's own entry).
         """
         if isinstance(query, np.ndarray) and query.ndim == 1:
+            if box is not None or rotations or flip:
+                raise ValueError("box, rotations and flip need an image, not a descriptor")
             vecs = [self.embed(query)]
         else:
             pixels = self._pixels(query, box)
@@ -206,18 +223,20 @@ class Searcher:
         if qe < 0:
             raise ValueError("qe must be 0 or more")
         self._refresh()
+        state = self._loaded
         vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
         if vecs.shape[1] != self.recipe.dim:
             raise ValueError(f"descriptors have {vecs.shape[1]} dims, the index {self.recipe.dim}")
         exclude = {int(i) for i in exclude}
-        total = len(self)
+        total = int(state.cpu.ntotal)
         if total == 0:
             return [[]] if merge else [[] for _ in vecs]
-        q0 = self.whitening.apply(vecs) if self.whitening is not None else np.ascontiguousarray(l2n(vecs))
+        q0 = (state.whitening.apply(vecs) if state.whitening is not None
+              else np.ascontiguousarray(l2n(vecs)))
         want = min(total, k + len(exclude))
-        scores, ids = self._search(q0, max(want, min(total, qe + len(exclude))))
+        scores, ids = state.search(q0, max(want, min(total, qe + len(exclude))))
         if qe:
-            scores, ids = self._search(self._expand(q0, scores, ids, qe, exclude), want)
+            scores, ids = state.search(state.expand(q0, scores, ids, qe, exclude, self.alpha), want)
         if merge:
             best: dict[int, float] = {}
             for srow, irow in zip(scores, ids):
@@ -226,34 +245,12 @@ class Searcher:
                         best[int(i)] = float(sc)
             order = sorted(best, key=best.get, reverse=True)
             ids = np.array([order], dtype=np.int64)
-        if qe or merge:
             # Ranked by the expanded query and the best view, but the score stays
             # the cosine between the query as given and the image: a copy scores 1.
-            scores = np.stack([self._cosines(q0, row) for row in ids])
+            scores = state.cosines(q0, ids[0])[None]
+        elif qe:
+            scores = np.stack([state.cosines(q0[j:j + 1], row) for j, row in enumerate(ids)])
         return self._matches(scores, ids, k, exclude)
-
-    def _cosines(self, q0: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Best cosine over the rows of ``q0`` for each id (-inf for -1)."""
-        valid = ids >= 0
-        out = np.full(len(ids), -np.inf, dtype=np.float32)
-        if valid.any():
-            x = self._cpu_index.reconstruct_batch(ids[valid])
-            out[valid] = (x @ q0.T).max(axis=1)
-        return out
-
-    def _search(self, q: np.ndarray, k: int):
-        # FAISS on the GPU answers at most 2048 neighbours; the CPU copy has no limit.
-        index = self.index if k <= 2048 else self._cpu_index
-        return index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-
-    def _expand(self, q, scores, ids, n: int, exclude: set[int]) -> np.ndarray:
-        """Alpha-query expansion: the query plus its top ``n`` results weighted by score**alpha."""
-        out = q.astype(np.float32).copy()
-        for row, (srow, irow) in enumerate(zip(scores, ids)):
-            kept = [(s, i) for s, i in zip(srow, irow) if i >= 0 and int(i) not in exclude][:n]
-            for s, i in kept:
-                out[row] += max(float(s), 0.0) ** self.alpha * self._cpu_index.reconstruct(int(i))
-        return np.ascontiguousarray(l2n(out))
 
     def _matches(self, scores, ids, k: int, exclude: set[int]) -> list[list[Match]]:
         rows = self.store.describe_ids(i for i in ids.ravel() if i >= 0)
@@ -276,6 +273,38 @@ class Searcher:
     def id_of(self, path: str | os.PathLike) -> int | None:
         """The database id of an indexed file, or None."""
         return self.store.id_of(os.path.abspath(os.fspath(path)))
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What one refresh loaded: searched together, replaced together."""
+
+    whitening: object
+    cpu: object  # the FAISS index in memory
+    index: object  # the same on the GPU, or ``cpu``
+
+    def search(self, q: np.ndarray, k: int):
+        # FAISS on the GPU answers at most 2048 neighbours; the CPU copy has no limit.
+        index = self.index if k <= 2048 else self.cpu
+        return index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+
+    def expand(self, q, scores, ids, n: int, exclude: set[int], alpha: float) -> np.ndarray:
+        """Alpha-query expansion: the query plus its top ``n`` results weighted by score**alpha."""
+        out = q.astype(np.float32).copy()
+        for row, (srow, irow) in enumerate(zip(scores, ids)):
+            kept = [(s, i) for s, i in zip(srow, irow) if i >= 0 and int(i) not in exclude][:n]
+            for s, i in kept:
+                out[row] += max(float(s), 0.0) ** alpha * self.cpu.reconstruct(int(i))
+        return np.ascontiguousarray(l2n(out))
+
+    def cosines(self, q0: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Best cosine over the rows of ``q0`` for each id (-inf for -1)."""
+        valid = ids >= 0
+        out = np.full(len(ids), -np.inf, dtype=np.float32)
+        if valid.any():
+            x = self.cpu.reconstruct_batch(ids[valid])
+            out[valid] = (x @ q0.T).max(axis=1)
+        return out
 
 
 ROTATIONS = (0, 90, 180, 270)

@@ -141,6 +141,17 @@ def test_evaluate_into_a_given_database_keeps_it(labelled, tmp_path):
     assert again.index_images_per_s is None and again.map == pytest.approx(ev.map)
 
 
+def test_evaluate_scores_an_unreadable_query_zero_and_leaves_out_lone_ones(labelled):
+    (labelled / "images" / "broken.jpg").write_bytes(b"not a jpeg")
+    save_photo(labelled / "images" / "alone.jpg", seed=77)
+    with open(labelled / "groundtruth.csv", "a") as f:
+        f.write("images/broken.jpg,group0\nimages/alone.jpg,solo\n")
+    ev = evaluate(labelled, image_size=SIZE, workers=0, qe=0)
+    assert ev.queries == 13 and ev.skipped_alone == 1 and ev.unreadable_queries == 1
+    assert ev.images == 13  # the broken file failed to index
+    assert "(1 left out: alone in their group; 1 unreadable, scored 0)" in ev.lines()[0]
+
+
 def test_evaluate_bad_groundtruth_is_one_line(labelled):
     (labelled / "groundtruth.csv").write_text("file\nx.jpg\n")
     result = run("evaluate", labelled)
@@ -204,6 +215,8 @@ def test_a_changed_scale_or_layer_is_refused_on_an_existing_index(photos, db):
         Indexer(db, scales=(1.0, 0.7071, 0.5), workers=0).index([photos])
     result = run("index", photos, "--db", db, "--layer", "block5+head")
     assert result.exit_code == 1 and "layer: index has head, asked for block5+head" in result.output
+    result = run("index", photos, "--db", db, "--scales", "1,half")
+    assert result.exit_code == 2 and "Invalid value for '--scales'" in result.output
 
 
 # -- whitening ------------------------------------------------------------------------
@@ -273,13 +286,30 @@ def test_whitening_is_relearned_removed_or_refused_on_request(sixty, tmp_path):
     result = run("whiten", "--db", db, "--kind", "pca")
     assert result.exit_code == 1
     assert result.output.strip() == ("Error: PCA whitening of 1280-dimensional descriptors needs at least "
-                                     "2560 images; the collection has 60; use --whiten center")
+                                     "2560 images; the collection has 60; centring needs 50")
+    result = run("whiten", "--db", db, "--shrinkage", "0.2")
+    assert result.exit_code == 2 and "--shrinkage applies to --kind pca only" in result.output
     assert run("whiten", "--db", db, "--kind", "none").exit_code == 0
+    Indexer(db, workers=0).index([sixty])  # turned off stays off
     with Searcher(db) as s:
         assert s.whitening is None
         assert {m.path: m.score for m in s.search(sixty / "00.png", k=60, qe=0)} == pytest.approx(before)
     result = run("check", "--db", db)
     assert result.exit_code == 0, result.output  # whitening leaves the stored vectors alone
+
+
+def test_an_index_from_before_multi_scale_still_checks_clean(photos, db):
+    from indexer import vectors
+
+    Indexer(db, image_size=SIZE, workers=0).index([photos])
+    meta_path = vectors.index_path(db).with_name(db.name + ".faiss.json")
+    meta = json.loads(meta_path.read_text())
+    old = json.loads(meta["recipe"])
+    del old["scales"]  # what a sidecar written before scales existed holds
+    meta["recipe"] = json.dumps(old)
+    meta_path.write_text(json.dumps(meta))
+    result = run("check", "--db", db)
+    assert result.exit_code == 0, result.output
 
 
 # -- query options --------------------------------------------------------------------
@@ -295,6 +325,10 @@ def scenes(tmp_path: Path) -> Path:
     for i in range(4):
         save_photo(root / f"other{i}.png", seed=20 + i, size=(96, 72))
     return root
+
+
+def sims_of(x: np.ndarray, ids: np.ndarray, q: np.ndarray) -> dict[int, float]:
+    return {int(i): float(v) for i, v in zip(ids, x @ q)}
 
 
 def test_query_expansion_ranks_by_the_query_plus_its_weighted_top_results(sixty, tmp_path):
@@ -322,6 +356,13 @@ def test_query_expansion_ranks_by_the_query_plus_its_weighted_top_results(sixty,
             assert got[0].score == pytest.approx(float(sims[ids == got[0].id][0]), abs=1e-5)
         assert changed >= 3, changed  # the expansion does re-rank
         assert s.search(sixty / "00.png", k=1, qe=5)[0].score > 0.999  # a copy scores 1
+        # Several queries at once: each result's score is the cosine with its own query.
+        raw = np.stack([s.embed(sixty / f"{n:02d}.png") for n in (1, 2, 3)])
+        for row, results in zip(s.whitening.apply(raw), s.search_vectors(raw, k=5, qe=3)):
+            for m in results:
+                assert m.score == pytest.approx(float(sims_of(x, ids, row)[m.id]), abs=1e-5)
+        with pytest.raises(ValueError, match="need an image, not a descriptor"):
+            s.search(raw[0], box=(0, 0, 10, 10))
 
 
 def test_database_side_augmentation_draws_near_images_closer(scenes, tmp_path):
@@ -391,7 +432,8 @@ def test_a_region_query_finds_the_image_that_contains_the_region(tmp_path):
     assert result.exit_code == 0, result.output
     assert Path(json.loads(result.stdout)["results"][0]["path"]).name == "has_a.png"
     result = run("query", tmp_path / "query.png", "--db", db, "--box", "0,0,96")
-    assert result.exit_code == 2 and "give four numbers X0,Y0,X1,Y1" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--box'" in result.output
+    assert "give four numbers X0,Y0,X1,Y1" in result.output
 
 
 @pytest.mark.parametrize("model", ["efficientnet_lite1", "efficientnet_lite2"])
