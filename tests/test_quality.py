@@ -196,6 +196,21 @@ def test_early_stages_match_colour_deep_stages_match_content(tmp_path):
     assert best == {"block2": "same_colours.png", "head": "recoloured.png"}
 
 
+def test_image_size_and_gem_p_change_what_the_model_sees_and_how_it_pools(photos, tmp_path):
+    pixels = open_image(photos / "p0.jpg", 96).pixels
+    assert max(pixels.shape[:2]) == 96
+    small = Encoder(recipe(image_size=96)).embed(pixels)[0]
+    large = Encoder(recipe(image_size=192)).embed(open_image(photos / "p0.jpg", 192).pixels)[0]
+    assert float(small @ large) < 0.99  # another resolution, another descriptor
+    # GeM's p moves the descriptor from the mean (p=1, SPoC) towards the maximum (MAC).
+    px = open_image(photos / "p0.jpg", SIZE).pixels
+    spoc = Encoder(recipe(image_size=SIZE, pooling="spoc")).embed(px)[0]
+    mac = Encoder(recipe(image_size=SIZE, pooling="mac")).embed(px)[0]
+    toward_mac = [float(Encoder(recipe(image_size=SIZE, gem_p=p)).embed(px)[0] @ mac) for p in (1, 3, 8)]
+    assert float(Encoder(recipe(image_size=SIZE, gem_p=1)).embed(px)[0] @ spoc) > 0.9999
+    assert toward_mac == sorted(toward_mac) and toward_mac[-1] - toward_mac[0] > 0.05, toward_mac
+
+
 def test_multi_scale_sums_the_descriptors_of_each_scale():
     from indexer.encoder import _rescale
 
