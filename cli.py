@@ -153,7 +153,7 @@ def query_options(f):
     """The options of a search (query, evaluate)."""
     for opt in reversed([
         click.option("--qe", type=click.IntRange(min=0), default=None,
-                     help="Alpha-query expansion with this many top results; 0 turns it off [default: 5]."),
+                     help="Alpha-query expansion with this many top results; 0 turns it off [default: 2]."),
         click.option("--dba", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Database-side augmentation: each indexed image blended with this many neighbours."),
         click.option("--rotations", is_flag=True, help="Also try the query turned 90, 180 and 270 degrees."),

@@ -65,6 +65,10 @@ POOLINGS = ("gem", "mac", "spoc", "rmac")
 
 
 MULTI_SCALE = (1.0, 0.7071, 0.5)
+# The default for a new index: the image at image_size and at half of it. The
+# half-size pass costs a quarter of the full one and makes descriptors of a
+# crop, a thumbnail or a zoomed copy agree better with the original's.
+DEFAULT_SCALES = (1.0, 0.5)
 
 
 def make_recipe(model: str, *, layer: str | None = None, pooling: str = "gem", gem_p: float = 3.0,

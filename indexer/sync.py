@@ -125,7 +125,7 @@ class Indexer:
     # -- recipe -----------------------------------------------------------
     def _recipe(self, store: Store) -> Recipe:
         from .backbone import DEFAULT_MODEL, get_spec, resolve_weights
-        from .recipe import make_recipe
+        from .recipe import DEFAULT_SCALES, make_recipe
 
         o = self.options
         stored = store.recipe()
@@ -134,7 +134,7 @@ class Indexer:
             _, sha = resolve_weights(model, self.weights)
             return make_recipe(model, layer=o["layer"], pooling=o["pooling"] or "gem",
                                gem_p=o["gem_p"] or 3.0, image_size=o["image_size"] or 448,
-                               weights_sha256=sha, scales=o["scales"] or (1.0,))
+                               weights_sha256=sha, scales=o["scales"] or DEFAULT_SCALES)
         model = o["model"] or stored.model
         same_model = get_spec(model).name == stored.model
         pooling = o["pooling"] or stored.pooling

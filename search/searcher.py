@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 Query = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
 Box = tuple[float, float, float, float]
 DEFAULT_ALPHA = 3.0
-# Alpha-query expansion by default: neighbours weighted by similarity**3 add
-# little unless they are close, so a query with no close match barely moves.
-DEFAULT_QE = 5
+# Alpha-query expansion by default, with the top 2 results: neighbours weighted
+# by similarity**3 add little unless they are close. More neighbours help
+# queries with many relevant images (landmarks, categories) and hurt copy
+# detection, where one image is relevant (bench/QUALITY.md).
+DEFAULT_QE = 2
 
 
 @dataclass(frozen=True)

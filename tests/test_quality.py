@@ -226,7 +226,7 @@ def test_multi_scale_sums_the_descriptors_of_each_scale():
 
 def test_a_changed_scale_or_layer_is_refused_on_an_existing_index(photos, db):
     Indexer(db, image_size=SIZE, workers=0).index([photos])
-    with pytest.raises(RecipeMismatch, match=r"scales: index has \(1.0,\), asked for \(1.0, 0.7071, 0.5\)"):
+    with pytest.raises(RecipeMismatch, match=r"scales: index has \(1.0, 0.5\), asked for \(1.0, 0.7071, 0.5\)"):
         Indexer(db, scales=(1.0, 0.7071, 0.5), workers=0).index([photos])
     result = run("index", photos, "--db", db, "--layer", "block5+head")
     assert result.exit_code == 1 and "layer: index has head, asked for block5+head" in result.output
@@ -314,17 +314,26 @@ def test_whitening_is_relearned_removed_or_refused_on_request(sixty, tmp_path):
 
 
 def test_an_index_from_before_multi_scale_still_checks_clean(photos, db):
+    import sqlite3
+
     from indexer import vectors
 
-    Indexer(db, image_size=SIZE, workers=0).index([photos])
+    # Before scales existed every index had one scale, and no recipe said so.
+    Indexer(db, image_size=SIZE, scales=(1.0,), workers=0).index([photos])
     meta_path = vectors.index_path(db).with_name(db.name + ".faiss.json")
     meta = json.loads(meta_path.read_text())
     old = json.loads(meta["recipe"])
-    del old["scales"]  # what a sidecar written before scales existed holds
+    del old["scales"]
     meta["recipe"] = json.dumps(old)
     meta_path.write_text(json.dumps(meta))
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE settings SET value = ? WHERE key = 'recipe'", (json.dumps(old),))
     result = run("check", "--db", db)
     assert result.exit_code == 0, result.output
+    result = run("index", photos, "--db", db)  # and the defaults of today do not refuse it
+    assert result.exit_code == 0, result.output
+    with Searcher(db) as s:
+        assert s.recipe.scales == (1.0,)
 
 
 # -- query options --------------------------------------------------------------------
