@@ -126,7 +126,8 @@ def _box(ctx, param, text: str | None):
 LAYER_HELP = ("Stage(s) pooled, what 'similar' means: early stages (block3, block4) match colour "
               "and texture, deep ones (block7, head) objects and scenes; join several with '+' "
               "(block5+head) [default: head].")
-SCALES_HELP = "Scales of --image-size whose descriptors are summed: 1 (default), or 'multi' for 1,0.707,0.5."
+SCALES_HELP = ("Scales of --image-size whose descriptors are summed [default: 1,0.5]; 1 for one pass, "
+               "'multi' for 1,0.707,0.5.")
 WHITEN_HELP = ("Whitening learned from the collection: auto (centre once 50 images are indexed, "
                "default), center, pca (needs 2 images per dimension), none.")
 

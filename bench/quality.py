@@ -15,22 +15,23 @@ import sys
 from pathlib import Path
 
 ROWS = {
-    "224 px baseline": "--image-size 224 --whiten none --qe 0",
-    "448 px": "--whiten none --qe 0",
-    "448 px, centred": "--qe 0",
-    "default (448 px, centred, α-QE 5)": "",
-    "320 px, centred": "--image-size 320 --qe 0",
-    "GeM p=2, centred": "--gem-p 2 --qe 0",
-    "SPoC, centred": "--pooling spoc --qe 0",
-    "R-MAC, centred": "--pooling rmac --qe 0",
+    "default": "",
+    "224 px baseline": "--image-size 224 --whiten none --qe 0 --scales 1",
+    "448 px": "--whiten none --qe 0 --scales 1",
+    "448 px, centred": "--qe 0 --scales 1",
+    "448 px, centred, α-QE 5": "--scales 1 --qe 5",
+    "320 px, centred": "--image-size 320 --qe 0 --scales 1",
+    "GeM p=2, centred": "--gem-p 2 --qe 0 --scales 1",
+    "SPoC, centred": "--pooling spoc --qe 0 --scales 1",
+    "R-MAC, centred": "--pooling rmac --qe 0 --scales 1",
     "multi-scale 1, 0.707, 0.5, centred": "--scales multi --qe 0",
-    "block7+head, centred": "--layer block7+head --qe 0",
-    "block4 (colour, texture), centred": "--layer block4 --qe 0",
-    "default + DBA 1": "--dba 1",
-    "default + rotations": "--rotations",
-    "default + flip": "--flip",
-    "Lite1, centred": "--model efficientnet_lite1 --qe 0",
-    "Lite2, centred": "--model efficientnet_lite2 --qe 0",
+    "block7+head, centred": "--layer block7+head --qe 0 --scales 1",
+    "block4 (colour, texture), centred": "--layer block4 --qe 0 --scales 1",
+    "448 px, centred, α-QE 5 + DBA 1": "--dba 1 --scales 1 --qe 5",
+    "448 px, centred, α-QE 5 + rotations": "--rotations --scales 1 --qe 5",
+    "448 px, centred, α-QE 5 + flip": "--flip --scales 1 --qe 5",
+    "Lite1, centred": "--model efficientnet_lite1 --qe 0 --scales 1",
+    "Lite2, centred": "--model efficientnet_lite2 --qe 0 --scales 1",
 }
 
 
