@@ -73,7 +73,7 @@ DEFAULT_SCALES = (1.0, 0.5)
 
 def make_recipe(model: str, *, layer: str | None = None, pooling: str = "gem", gem_p: float = 3.0,
                 image_size: int = 448, weights_sha256: str,
-                scales: tuple[float, ...] = (1.0,)) -> Recipe:
+                scales: tuple[float, ...] = DEFAULT_SCALES) -> Recipe:
     """A complete recipe from the user's choices and the spec of the model."""
     from .backbone import check_layer, get_spec, layer_dim
 

@@ -163,10 +163,10 @@ def test_evaluate_bad_groundtruth_is_one_line(labelled):
 # -- recipe options ---------------------------------------------------------------
 def test_concatenated_stages_are_each_stage_normalised_side_by_side():
     pixels = np.stack([open_image(make_photo(i), SIZE).pixels for i in range(2)])
-    both = Encoder(recipe(layer="head+block4", image_size=SIZE))
+    both = Encoder(recipe(layer="head+block4", image_size=SIZE, scales=(1.0,)))
     assert both.recipe.layer == "block4+head" and both.recipe.dim == 80 + 1280
-    early = Encoder(recipe(layer="block4", image_size=SIZE)).embed(pixels)
-    deep = Encoder(recipe(layer="head", image_size=SIZE)).embed(pixels)
+    early = Encoder(recipe(layer="block4", image_size=SIZE, scales=(1.0,))).embed(pixels)
+    deep = Encoder(recipe(layer="head", image_size=SIZE, scales=(1.0,))).embed(pixels)
     want = l2n(np.concatenate([early, deep], axis=1))
     assert np.abs(both.embed(pixels) - want).max() < 1e-4
     with pytest.raises(BackboneError, match="no layer 'block9'"):
@@ -204,10 +204,11 @@ def test_image_size_and_gem_p_change_what_the_model_sees_and_how_it_pools(photos
     assert float(small @ large) < 0.99  # another resolution, another descriptor
     # GeM's p moves the descriptor from the mean (p=1, SPoC) towards the maximum (MAC).
     px = open_image(photos / "p0.jpg", SIZE).pixels
-    spoc = Encoder(recipe(image_size=SIZE, pooling="spoc")).embed(px)[0]
-    mac = Encoder(recipe(image_size=SIZE, pooling="mac")).embed(px)[0]
-    toward_mac = [float(Encoder(recipe(image_size=SIZE, gem_p=p)).embed(px)[0] @ mac) for p in (1, 3, 8)]
-    assert float(Encoder(recipe(image_size=SIZE, gem_p=1)).embed(px)[0] @ spoc) > 0.9999
+    one = dict(image_size=SIZE, scales=(1.0,))
+    spoc = Encoder(recipe(pooling="spoc", **one)).embed(px)[0]
+    mac = Encoder(recipe(pooling="mac", **one)).embed(px)[0]
+    toward_mac = [float(Encoder(recipe(gem_p=p, **one)).embed(px)[0] @ mac) for p in (1, 3, 8)]
+    assert float(Encoder(recipe(gem_p=1, **one)).embed(px)[0] @ spoc) > 0.9999
     assert toward_mac == sorted(toward_mac) and toward_mac[-1] - toward_mac[0] > 0.05, toward_mac
 
 
@@ -217,7 +218,7 @@ def test_multi_scale_sums_the_descriptors_of_each_scale():
     pixels = open_image(make_photo(3), SIZE).pixels[None]
     multi = Encoder(recipe(image_size=SIZE, scales=(1.0, 0.7071, 0.5)))
     assert multi.recipe.scales == (1.0, 0.7071, 0.5)
-    single = Encoder(recipe(image_size=SIZE))
+    single = Encoder(recipe(image_size=SIZE, scales=(1.0,)))
     parts = [single.embed(pixels if s == 1 else _rescale(pixels, s)) for s in (1.0, 0.7071, 0.5)]
     got = multi.embed(pixels)
     assert np.abs(got - l2n(sum(parts))).max() < 1e-5
