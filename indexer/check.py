@@ -223,8 +223,9 @@ class _Checker:
         self.report.faiss_vectors = int(index.ntotal)
         # Compared as recipes, not text: a sidecar from before a field existed
         # (scales) reads with that field's default.
-        if meta.get("recipe") and Recipe.from_json(meta["recipe"]) != self.recipe:
-            self.faiss_recipe = Recipe.from_json(meta["recipe"])
+        faiss_recipe = Recipe.from_json(meta["recipe"]) if meta.get("recipe") else None
+        if faiss_recipe is not None and faiss_recipe != self.recipe:
+            self.faiss_recipe = faiss_recipe
             diff = "; ".join(d.replace("index has ", "FAISS file has ").replace("asked for ", "database ")
                              for d in self.faiss_recipe.differences(self.recipe))
             self.fix.rebuild_faiss.append(self.problem(

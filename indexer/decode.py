@@ -326,7 +326,7 @@ def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool, box=None)
     upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     im = _to_rgb(im)
     if box is not None:
-        im = im.crop(_crop_box(box, upright, im.size))
+        im = im.crop(_crop_box(box, upright))
     size = target_size(im.width, im.height, longest)
     if im.size != size:
         im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -336,16 +336,14 @@ def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool, box=None)
     return Decoded(pixels.copy(), upright[0], upright[1])
 
 
-def _crop_box(box, upright: tuple[int, int], actual: tuple[int, int]) -> tuple[int, int, int, int]:
-    """``box`` in pixels of the upright file, as a crop of the decoded image (maybe drafted)."""
+def _crop_box(box, upright: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` in pixels of the upright file, checked, as a crop (no draft decoding with a box)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     w, h = upright
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise DecodeError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is not inside the {w}x{h} image "
                           "(x0 < x1, y0 < y1, in pixels)")
-    sx, sy = actual[0] / w, actual[1] / h
-    return (int(x0 * sx), int(y0 * sy), max(int(x0 * sx) + 1, round(x1 * sx)),
-            max(int(y0 * sy) + 1, round(y1 * sy)))
+    return int(x0), int(y0), max(int(x0) + 1, round(x1)), max(int(y0) + 1, round(y1))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -189,8 +189,10 @@ class Indexer:
         """
         from .whitening import CENTER_MIN_IMAGES
 
-        stored = store.whitening()
         if self.whiten_mode in ("center", "pca"):
+            # Decoded only here: a PCA whitening is megabytes of JSON, and "auto"
+            # runs after every index run.
+            stored = store.whitening()
             if stored is None or stored.kind != self.whiten_mode:
                 self._learn(store, self.whiten_mode)
         elif self.whiten_mode == "auto":

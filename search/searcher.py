@@ -294,9 +294,10 @@ class _Loaded:
         """Alpha-query expansion: the query plus its top ``n`` results weighted by score**alpha."""
         out = q.astype(np.float32).copy()
         for row, (srow, irow) in enumerate(zip(scores, ids)):
-            kept = [(s, i) for s, i in zip(srow, irow) if i >= 0 and int(i) not in exclude][:n]
-            for s, i in kept:
-                out[row] += max(float(s), 0.0) ** alpha * self.cpu.reconstruct(int(i))
+            kept = [j for j, i in enumerate(irow) if i >= 0 and int(i) not in exclude][:n]
+            if kept:
+                weights = np.maximum(srow[kept], 0.0) ** alpha
+                out[row] += weights @ self.cpu.reconstruct_batch(irow[kept])
         return np.ascontiguousarray(l2n(out))
 
     def cosines(self, q0: np.ndarray, ids: np.ndarray) -> np.ndarray:
