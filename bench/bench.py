@@ -11,8 +11,9 @@ What it measures, in one run:
      (incremental: it should embed nothing);
   3. a naive baseline doing the same work in-process: per image, a full-size
      PIL decode (no draft mode), a bicubic resize of the longest side to the
-     same size, one eager torch forward of the same trunk and pooling, no
-     DataLoader workers, vectors kept in memory;
+     same size (and to each further scale of the recipe), one eager torch
+     forward per scale of the same trunk and pooling, no DataLoader workers,
+     vectors kept in memory;
   4. a check that both give near-identical descriptors (cosine);
   5. where lookalike's time goes: decode alone and model alone, in-process;
   6. query latency: p50/p95 with a warm in-process ``Searcher``, and the
@@ -229,7 +230,11 @@ def build_photo_set(sources: list[Path], count: int, folder: Path) -> list[Path]
 
 # -- naive baseline -------------------------------------------------------------------------
 def naive_embed(paths: list[Path], recipe, device: str, keep_pixels: int = 5):
-    """Per image: full PIL decode, bicubic resize, one eager torch forward.
+    """Per image: full PIL decode, bicubic resize, one eager torch forward per scale.
+
+    The same work as the recipe asks of lookalike: every scale (each resized
+    from the image at ``image_size``, as lookalike does), every stage pooled,
+    stages concatenated, scales summed.
 
     Returns the loop's seconds, the model build seconds, seconds per stage, the
     vectors, and the resized pixels of the first ``keep_pixels`` images.
@@ -240,7 +245,7 @@ def naive_embed(paths: list[Path], recipe, device: str, keep_pixels: int = 5):
     from indexer.backbone import resolve_weights
     from indexer.decode import target_size
     from indexer.network import build_trunk
-    from indexer.pooling import pool
+    from indexer.pooling import l2n, pool
 
     t0 = time.perf_counter()
     weights, _ = resolve_weights(recipe.model)
@@ -270,9 +275,18 @@ def naive_embed(paths: list[Path], recipe, device: str, keep_pixels: int = 5):
             px = np.asarray(im, dtype=np.uint8)
             if len(kept) < keep_pixels:
                 kept.append(px)
+            views = [px if s == 1.0 else np.asarray(im.resize(
+                (max(1, round(im.width * s)), max(1, round(im.height * s))),
+                Image.Resampling.BICUBIC, reducing_gap=3.0)) for s in recipe.scales]
             c = time.perf_counter()
-            x = torch.from_numpy(px.transpose(2, 0, 1).astype(np.float32))[None].to(device)
-            vectors.append(pool(net(x).float().cpu().numpy(), recipe.pooling, recipe.gem_p or 3.0)[0])
+            total_vec = 0.0
+            for view in views:
+                x = torch.from_numpy(view.transpose(2, 0, 1).astype(np.float32))[None].to(device)
+                out = net(x)
+                fmaps = out if isinstance(out, tuple) else (out,)
+                parts = [pool(f.float().cpu().numpy(), recipe.pooling, recipe.gem_p or 3.0) for f in fmaps]
+                total_vec = total_vec + (parts[0] if len(parts) == 1 else l2n(np.concatenate(parts, axis=1)))
+            vectors.append(l2n(total_vec)[0])
             sync()
             d = time.perf_counter()
             stages["decode"] += b - a
@@ -434,7 +448,7 @@ def main() -> None:
         f"resize {1000 * stages['resize'] / n_naive:.0f} ms, forward {1000 * stages['forward'] / n_naive:.0f} ms "
         f"(torch eager, {device})")
     say(f"ratio      lookalike / naive = {ours_rate / naive_rate:.2f}x (both at longest side "
-        f"{recipe.image_size})")
+        f"{recipe.image_size}, scales {', '.join(f'{s:g}' for s in recipe.scales)})")
 
     # -- where lookalike's time goes
     decode_s, model_s, encoder = breakdown(photos, recipe, device, args.batch_size)
