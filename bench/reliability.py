@@ -9,12 +9,12 @@ that every good image on disk is in the database and in the FAISS file exactly o
 descriptor of a fresh computation, and every bad file is recorded as failed.
 
 Kill points are events counted inside the child (a SQLite COMMIT about to run or just
-returned, a pipeline batch, the FAISS write, halfway through it, each rename, the database
-close, the migration of a new database, the ONNX export), the Nth occurrence drawn at
-random, plus SIGKILLs from outside at random times over the measured length of a run. I/O
-failures are real: RLIMIT_FSIZE (EFBIG) on the FAISS file, its sidecar, the WAL mid-run or
-a new database from the start; RLIMIT_NOFILE (EMFILE) when the FAISS temp file is created,
-while hashing and while decoding.
+returned, a pipeline batch, a row's local features about to be written, the FAISS write,
+halfway through it, each rename, the database close, the migration of a new database, the
+ONNX export), the Nth occurrence drawn at random, plus SIGKILLs from outside at random
+times over the measured length of a run. I/O failures are real: RLIMIT_FSIZE (EFBIG) on the
+FAISS file, its sidecar, the WAL mid-run or a new database from the start; RLIMIT_NOFILE
+(EMFILE) when the FAISS temp file is created, while hashing and while decoding.
 
 After a trial that found a problem the next one starts on a fresh database, so one
 failure is not counted again by the trials after it.
@@ -59,6 +59,7 @@ KILLS = {
     "kill: after a SQLite commit": (3, lambda h: ([kill("committed", n_of(h, "committed"))], {})),
     "kill: after scan or hashing": (1, lambda h: ([kill(h.rng.choice(["scanned", "hashed"]))], {})),
     "kill: pipeline batch (embedded, not stored)": (2, lambda h: ([kill("batch", n_of(h, "batch"))], {})),
+    "kill: writing local features (mid-transaction)": (2, lambda h: ([kill("local", n_of(h, "local"))], {})),
     "kill: writing the FAISS file": (2, lambda h: ([h.rng.choice([
         kill("save"), kill("faiss-write", how="midway"), kill("faiss-written"),
         kill("replace:faiss")])], {})),

@@ -18,16 +18,21 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import delete, select, text
 
-from . import vectors
+from . import local, vectors
 from .recipe import Recipe
 from .scan import display_path, file_sha256
-from .store import FAILED, OK, ImageRow, Store, StoreError, default_db_path, lock_holder, now, writer_lock
+from .store import (FAILED, OK, ImageRow, LocalRow, Store, StoreError, default_db_path, lock_holder, now,
+                    writer_lock)
 
 log = logging.getLogger(__name__)
 
 # Cosine below which a stored embedding is taken to differ from a fresh one. ONNX
 # Runtime and torch agree to 1e-6; fp16 on a GPU to about 1e-3.
 SAME_COSINE = 0.995
+# Share of freshly found keypoints that must agree with the stored ones (same place,
+# same descriptor). The same code and libraries agree exactly; another OpenCV or
+# Pillow build moves a few.
+SAME_LOCAL = 0.8
 
 
 @dataclass
@@ -75,6 +80,7 @@ class _Repairs:
     def __init__(self):
         self.drop: dict[int, Problem] = {}
         self.reembed: dict[int, list[Problem]] = {}
+        self.drop_local: dict[int, Problem] = {}  # local features of no indexed image
         self.rebuild_faiss: list[Problem] = []
         self.restore_recipe: tuple[Recipe, Problem] | None = None
 
@@ -164,24 +170,51 @@ class _Checker:
                 "temp", f"{display_path(tmp)}: a temporary file left by an interrupted run"))
 
     def _rows(self) -> dict[int, _Row]:
-        """Every indexed row, checked against its embedding and its file on disk."""
+        """Every indexed row, checked against its embedding, its local features and its file."""
         dim = self.recipe.dim
         rows: dict[int, _Row] = {}
         with self.store.session() as s:
             self.report.failed_rows = len(s.execute(
                 select(ImageRow.id).where(ImageRow.status == FAILED)).all())
             result = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
-                                      ImageRow.embedding)
+                                      ImageRow.embedding, LocalRow.data)
+                               .outerjoin(LocalRow, LocalRow.image_id == ImageRow.id)
                                .where(ImageRow.status == OK).order_by(ImageRow.id)
-                               .execution_options(yield_per=4096))
+                               .execution_options(yield_per=1024))
             for r in result:
                 row = rows[r.id] = _Row(r.id, r.path, r.size, r.mtime_ns)
-                reason = _embedding_fault(r.embedding, dim)
-                if reason:
+                for reason in filter(None, (_embedding_fault(r.embedding, dim),
+                                            self._local_fault(r.data))):
                     self.fix.add_reembed(row.id, self.problem("row", f"{display_path(row.path)} (id {row.id}): {reason}"))
                 self._file(row)
         self.report.rows = len(rows)
+        self._stray_local()
         return rows
+
+    def _local_fault(self, blob: bytes | None) -> str | None:
+        """What is wrong with a row's stored local features, given the recipe."""
+        if not self.recipe.has_local:
+            return None if blob is None else "it holds local features the recipe does not ask for"
+        if blob is None:
+            return "it has no local features"
+        try:
+            features = local.decode(blob)
+        except local.FeaturesError as exc:
+            return str(exc)
+        if (len(features) > self.recipe.local_keypoints
+                or max(features.width, features.height) > self.recipe.local_size):
+            return (f"its local features ({len(features)} keypoints at {features.width}x{features.height}) "
+                    f"do not follow the recipe ({self.recipe.local_keypoints} at {self.recipe.local_size} px)")
+        return None
+
+    def _stray_local(self) -> None:
+        """Local features whose image is not indexed (failed, or gone): dropped by --repair."""
+        with self.store.session() as s:
+            indexed = select(ImageRow.id).where(ImageRow.status == OK)
+            stray = s.execute(select(LocalRow.image_id).where(LocalRow.image_id.not_in(indexed))).scalars().all()
+        for image_id in stray:
+            self.fix.drop_local[image_id] = self.problem(
+                "row", f"local features of id {image_id}, which is not an indexed image")
 
     def _file(self, row: _Row) -> None:
         self.report.files_checked += 1
@@ -280,23 +313,26 @@ class _Checker:
             return
         self.report.recomputed += len(candidates)
         stored = self._stored([r.id for r in candidates])
+        stored_local = self.store.local_features(stored) if self.recipe.has_local else {}
         differ = []
-        for row, (vec, error) in zip(candidates, fresh):
-            if vec is None:
+        for row, result in zip(candidates, fresh):
+            if result.vector is None:
                 self.fix.add_reembed(row.id, self.problem(
-                    "file", f"{display_path(row.path)}: cannot be read now: {error}"))
+                    "file", f"{display_path(row.path)}: cannot be read now: {result.error}"))
                 continue
-            cos = float(np.dot(vec, stored[row.id]))
+            cos = float(np.dot(result.vector, stored[row.id]))
             if cos < SAME_COSINE:
                 differ.append((row, cos))
+            elif row.id in stored_local:
+                self._compare_local(row, result.local, stored_local[row.id])
         if not differ:
             return
         if len(differ) == len(candidates) and self.faiss_recipe is not None:
             # Every sample disagrees: perhaps the recipe changed, not the embeddings.
             probe = differ[:4]
             before = self._embed(self.faiss_recipe, [r.path for r, _ in probe])
-            if before and all(v is not None and float(np.dot(v, stored[r.id])) >= SAME_COSINE
-                              for (r, _), (v, _) in zip(probe, before)):
+            if before and all(b.vector is not None and float(np.dot(b.vector, stored[r.id])) >= SAME_COSINE
+                              for (r, _), b in zip(probe, before)):
                 p = self.problem("recipe", "the stored embeddings were made with the FAISS file's "
                                  "recipe: restore it")
                 self.fix.restore_recipe = (self.faiss_recipe, p)
@@ -310,6 +346,16 @@ class _Checker:
             self.recompute_all = self.problem(
                 "row", f"{len(differ)} of {len(candidates)} sampled embeddings differ from a fresh "
                 f"computation; the other {len(rows) - len(candidates)} are suspect too")
+
+    def _compare_local(self, row: _Row, fresh: bytes | None, stored: bytes) -> None:
+        try:
+            agree = local.agreement(local.decode(fresh), local.decode(stored))
+        except local.FeaturesError:
+            return  # a damaged stored blob was reported by _rows already
+        if agree < SAME_LOCAL:
+            self.fix.add_reembed(row.id, self.problem(
+                "row", f"{display_path(row.path)} (id {row.id}): its local features differ from a fresh "
+                f"extraction ({100 * agree:.0f} % of keypoints agree)"))
 
     # -- repair -----------------------------------------------------------
     def _repair(self, rows: dict[int, _Row]) -> None:
@@ -335,6 +381,14 @@ class _Checker:
                 s.commit()
             for p in fix.drop.values():
                 p.fixed = True
+        if fix.drop_local:
+            with self.store.session() as s:
+                ids = list(fix.drop_local)
+                for start in range(0, len(ids), 500):
+                    s.execute(delete(LocalRow).where(LocalRow.image_id.in_(ids[start:start + 500])))
+                s.commit()
+            for p in fix.drop_local.values():
+                p.fixed = True
         if fix.reembed:
             self._reembed(rows)
         if fix.drop or fix.reembed or fix.rebuild_faiss or fix.restore_recipe:
@@ -347,12 +401,21 @@ class _Checker:
             self.report.failed_rows = self.store.count(FAILED)
 
     def _reembed(self, rows: dict[int, _Row]) -> None:
-        ids = list(self.fix.reembed)
+        ids = []
+        for row_id, problems in self.fix.reembed.items():
+            if row_id in self.fix.drop:  # the row is gone with its file: nothing left to mend
+                for p in problems:
+                    p.fixed = True
+            else:
+                ids.append(row_id)
+        if not ids:
+            return
         fresh = self._embed(self.recipe, [rows[i].path for i in ids])
         if fresh is None:
             return
         with self.store.session() as s:
-            for row_id, (vec, error) in zip(ids, fresh):
+            for row_id, result in zip(ids, fresh):
+                vec, error = result.vector, result.error
                 row = s.get(ImageRow, row_id)
                 try:
                     st = os.stat(row.path)
@@ -373,6 +436,8 @@ class _Checker:
                 else:
                     row.status, row.error = OK, None
                     row.embedding = np.ascontiguousarray(vec, np.float32).tobytes()
+                # With the row, in its transaction: what the recipe asks for, or nothing.
+                self.store.set_local(s, row_id, result.local if vec is not None else None)
                 if st is not None:
                     row.size, row.mtime_ns, row.sha256 = st.st_size, st.st_mtime_ns, sha
                 row.indexed_at = now()
@@ -383,9 +448,10 @@ class _Checker:
             s.commit()
 
     def _embed(self, recipe: Recipe, paths: list[str]):
-        """[(vector or None, error or None)] for ``paths``, or None if the model cannot load."""
+        """A pipeline Result (vector, local features, or the error) per path, or None if the
+        model cannot load."""
         from .backbone import BackboneError
-        from .pipeline import embed_files
+        from .pipeline import Result, embed_files
         from .recipe import RecipeMismatch
 
         encoder = self._encoders.get(recipe)
@@ -398,10 +464,10 @@ class _Checker:
                 self.problem("recipe", f"cannot recompute embeddings: {exc}", fixable=False)
                 return None
             self._encoders[recipe] = encoder
-        out: list = [(None, "not decoded")] * len(paths)
+        out: list = [Result(i, None, error="not decoded") for i in range(len(paths))]
         for batch in embed_files(paths, encoder, batch_size=16, workers=0):
             for r in batch:
-                out[r.index] = (r.vector, r.error)
+                out[r.index] = r
         return out
 
 

@@ -62,11 +62,13 @@ class DecodeError(Exception):
 
 @dataclass(frozen=True)
 class Decoded:
-    """Pixels resized for the model, plus the file's upright size."""
+    """Pixels resized for the model, plus the file's upright size (and a grey copy for local
+    features when asked for)."""
 
     pixels: np.ndarray  # uint8, H x W x 3
     width: int
     height: int
+    gray: np.ndarray | None = None  # uint8, H x W
 
 
 @functools.cache
@@ -188,11 +190,14 @@ def _reason(exc: BaseException) -> str:
 
 def open_image(source: str | os.PathLike | Image.Image, longest: int,
                max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float | None = None,
-               box: tuple[float, float, float, float] | None = None) -> Decoded:
+               box: tuple[float, float, float, float] | None = None,
+               gray: int | None = None) -> Decoded:
     """Decode ``source`` upright, in RGB, with its longest side set to ``longest``.
 
     ``box`` (x0, y0, x1, y1, in pixels of the upright image) keeps only that
-    region, which then gets the longest side ``longest``.
+    region, which then gets the longest side ``longest``. ``gray``: also give
+    the picture (or region) in grey with its longest side ``gray``, never
+    enlarged, from the same decode.
 
     Raises DecodeError with a one-line reason for anything that is not a
     readable image within ``max_pixels``, or, with ``timeout`` (seconds), one
@@ -205,14 +210,14 @@ def open_image(source: str | os.PathLike | Image.Image, longest: int,
     limit = time_limit(timeout)
     try:
         with limit:
-            return _open(source, longest, max_pixels, box)
+            return _open(source, longest, max_pixels, box, gray)
     except TimeLimitExpired as exc:
         if exc.args[0] is not limit:
             raise  # an outer limit, shorter than ours: its owner reports it
         raise DecodeError(f"decoding took longer than {timeout:g} s") from None
 
 
-def _open(source, longest: int, max_pixels: int, box=None) -> Decoded:
+def _open(source, longest: int, max_pixels: int, box=None, gray: int | None = None) -> Decoded:
     """open_image without the time limit: every failure becomes a DecodeError."""
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -221,13 +226,13 @@ def _open(source, longest: int, max_pixels: int, box=None) -> Decoded:
             warnings.simplefilter("always")
             try:
                 if isinstance(source, Image.Image):
-                    return _decode(source, longest, max_pixels, own=False, box=box)
+                    return _decode(source, longest, max_pixels, own=False, box=box, gray=gray)
                 if os.path.getsize(source) == 0:
                     raise DecodeError("empty file")
                 # Close the file on every path: Pillow keeps multi-frame files
                 # (GIF, TIFF) and files that failed to load open otherwise.
                 with Image.open(source) as im:
-                    return _decode(im, longest, max_pixels, own=True, box=box)
+                    return _decode(im, longest, max_pixels, own=True, box=box, gray=gray)
             finally:
                 for w in caught:
                     if not issubclass(w.category, Image.DecompressionBombWarning):
@@ -300,14 +305,15 @@ def _check_size(w: int, h: int, max_pixels: int) -> None:
         )
 
 
-def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool, box=None) -> Decoded:
+def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool, box=None,
+            gray: int | None = None) -> Decoded:
     """``own``: the image was opened here, so draft mode may shrink it in place."""
     w, h = im.size
     # Before load(): Image.open has read the header only, no pixel is decoded yet (libwebp
     # reserves its canvas at open, but the memory is not touched until decoding).
     _check_size(w, h, max_pixels)
     if own and box is None and getattr(im, "format", None) == "JPEG":
-        scale = longest / max(w, h)
+        scale = max(longest, gray or 0) / max(w, h)
         if scale < 1:
             im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
     # A TIFF reads its EXIF from the file, which load() closes; the others read it
@@ -328,12 +334,23 @@ def _decode(im: Image.Image, longest: int, max_pixels: int, own: bool, box=None)
     if box is not None:
         im = im.crop(_crop_box(box, upright))
     size = target_size(im.width, im.height, longest)
+    gray_px = None
+    if gray:
+        # From the decoded picture, before it is resized for the model: the draft
+        # decode covers both sizes.
+        small = im.resize(_never_larger(im.size, gray), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        gray_px = np.asarray(small.convert("L"), dtype=np.uint8).copy()
     if im.size != size:
         im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     pixels = np.asarray(im, dtype=np.uint8)
     if pixels.shape != (size[1], size[0], 3):
         raise DecodeError(f"the decoder gave pixels of shape {pixels.shape}, not {size[1]}x{size[0]}x3")
-    return Decoded(pixels.copy(), upright[0], upright[1])
+    return Decoded(pixels.copy(), upright[0], upright[1], gray_px)
+
+
+def _never_larger(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    w, h = size
+    return size if max(w, h) <= longest else target_size(w, h, longest)
 
 
 def _crop_box(box, upright: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -20,11 +20,14 @@ def describe(db: str | os.PathLike | None = None) -> dict:
                            ("faiss", vectors.index_path(store.path))):
             if path.exists():
                 sizes[name] = path.stat().st_size
+        with_local, local_bytes = store.local_stats()
         return {
             "database": str(store.path),
             "recipe": dataclasses.asdict(recipe) if recipe else None,
             "whitening": whitening.describe() if whitening else None,
             "counts": {"ok": store.count(OK), "failed": store.count(FAILED)},
+            # Their bytes as stored (the database file's pages hold them with a little slack).
+            "local_features": {"images": with_local, "bytes": local_bytes},
             "failures": [{"path": p, "reason": r} for p, r in store.failures()],
             "sizes": sizes,
         }

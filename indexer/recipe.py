@@ -28,6 +28,15 @@ class Recipe:
     dim: int
     # Scales of the image, relative to image_size, whose descriptors are summed.
     scales: tuple[float, ...] = (1.0,)
+    # Local features for verification (indexer.local); "none" in databases from before them.
+    local_features: str = "none"
+    local_size: int = 0  # longest side of the grey picture they are found in
+    local_keypoints: int = 0  # the strongest kept
+    local_codec: str = ""  # how descriptors are stored, with the projection's checksum
+
+    @property
+    def has_local(self) -> bool:
+        return self.local_features != "none"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -38,7 +47,8 @@ class Recipe:
         data["mean"] = tuple(data["mean"])
         data["std"] = tuple(data["std"])
         data["scales"] = tuple(data.get("scales", (1.0,)))  # databases from before multi-scale
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        # Fields added since a database was made take their defaults (no local features).
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def differences(self, other: "Recipe") -> list[str]:
         """Human-readable list of fields where ``other`` differs from ``self``."""
@@ -73,8 +83,15 @@ DEFAULT_SCALES = (1.0, 0.5)
 
 def make_recipe(model: str, *, layer: str | None = None, pooling: str = "gem", gem_p: float = 3.0,
                 image_size: int = 448, weights_sha256: str,
-                scales: tuple[float, ...] = DEFAULT_SCALES) -> Recipe:
-    """A complete recipe from the user's choices and the spec of the model."""
+                scales: tuple[float, ...] = DEFAULT_SCALES, local_features: str | None = None,
+                keypoints: int | None = None, local_size: int | None = None) -> Recipe:
+    """A complete recipe from the user's choices and the spec of the model.
+
+    ``local_features`` (default: the local module's DEFAULT_KIND), ``keypoints``
+    (the strongest kept per image) and ``local_size`` (the working picture's
+    longest side) say what is stored for verification; None takes the defaults.
+    """
+    from . import local
     from .backbone import check_layer, get_spec, layer_dim
 
     spec = get_spec(model)
@@ -86,6 +103,15 @@ def make_recipe(model: str, *, layer: str | None = None, pooling: str = "gem", g
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if not 32 <= image_size <= 4096:
         raise ValueError(f"image size {image_size} out of range 32..4096")
+    kind = local.DEFAULT_KIND if local_features is None else local_features
+    if kind not in local.KINDS:
+        raise ValueError(f"unknown local features {kind!r}; choose one of {', '.join(local.KINDS)}")
+    keypoints = local.DEFAULT_KEYPOINTS if keypoints is None else int(keypoints)
+    if not 16 <= keypoints <= local.MAX_KEYPOINTS:
+        raise ValueError(f"keypoints {keypoints} out of range 16..{local.MAX_KEYPOINTS}")
+    has = kind != "none"
     return Recipe(model=spec.name, weights_sha256=weights_sha256, layer=layer, pooling=pooling,
                   gem_p=float(gem_p) if pooling == "gem" else 0.0, image_size=int(image_size),
-                  mean=spec.mean, std=spec.std, dim=layer_dim(spec, layer), scales=scales)
+                  mean=spec.mean, std=spec.std, dim=layer_dim(spec, layer), scales=scales,
+                  local_features=kind, local_size=(local_size or local.DEFAULT_SIZE) if has else 0,
+                  local_keypoints=keypoints if has else 0, local_codec=local.codec() if has else "")

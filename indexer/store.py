@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from sqlalchemy import (URL, BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine,
-                        event, select, func)
+from sqlalchemy import (URL, BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text,
+                        create_engine, event, select, func)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .recipe import Recipe
@@ -46,6 +46,18 @@ class ImageRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
     indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+
+
+class LocalRow(Base):
+    """An indexed image's local features (indexer.local's bytes), beside the images table so
+    that scans of it do not read them. Written in the transaction that writes the image's
+    row; deleted with it (ON DELETE CASCADE)."""
+
+    __tablename__ = "local_features"
+
+    image_id: Mapped[int] = mapped_column(Integer, ForeignKey("images.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
 
 
 class Setting(Base):
@@ -309,6 +321,37 @@ class Store:
         with self.session() as s:
             return s.execute(select(ImageRow.id).where(ImageRow.path == path, ImageRow.status == OK)).scalar()
 
+    # -- local features ---------------------------------------------------
+    def local_features(self, ids) -> dict[int, bytes]:
+        """The stored local features of ``ids`` (those that have them), read in few queries."""
+        ids = sorted({int(i) for i in ids})
+        out: dict[int, bytes] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                out.update((r.image_id, r.data) for r in s.execute(
+                    select(LocalRow.image_id, LocalRow.data).where(LocalRow.image_id.in_(chunk))))
+        return out
+
+    @staticmethod
+    def set_local(session: Session, image_id: int, data: bytes | None) -> None:
+        """Store (or with None, drop) the local features of ``image_id`` in ``session``'s transaction."""
+        row = session.get(LocalRow, image_id)
+        if data is None:
+            if row is not None:
+                session.delete(row)
+        elif row is None:
+            session.add(LocalRow(image_id=image_id, data=data))
+        else:
+            row.data = data
+
+    def local_stats(self) -> tuple[int, int]:
+        """(images with local features, their bytes in all)."""
+        with self.session() as s:
+            n, total = s.execute(select(func.count(LocalRow.image_id),
+                                        func.coalesce(func.sum(func.length(LocalRow.data)), 0))).one()
+        return int(n), int(total)
+
     def failures(self) -> list[tuple[str, str]]:
         with self.session() as s:
             return [tuple(r) for r in s.execute(
@@ -373,4 +416,6 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    # Local features go with their image's row (ON DELETE CASCADE).
+    cur.execute("PRAGMA foreign_keys=ON")
     cur.close()

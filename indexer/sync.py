@@ -21,6 +21,7 @@ from .store import (
     FAILED,
     OK,
     ImageRow,
+    LocalRow,
     Store,
     StoreError,
     default_db_path,
@@ -103,10 +104,12 @@ class Indexer:
                  image_size: int | None = None, device: str = "auto", batch_size: int = 32,
                  workers: int | None = None, include_hidden: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False,
-                 scales: Sequence[float] | None = None, whiten: str | None = "auto"):
+                 scales: Sequence[float] | None = None, whiten: str | None = "auto",
+                 local_features: str | None = None, keypoints: int | None = None):
         self.db = Path(db).expanduser() if db else default_db_path()
         self.options = dict(model=model, layer=layer, pooling=pooling, gem_p=gem_p,
-                            image_size=image_size, scales=tuple(scales) if scales else None)
+                            image_size=image_size, scales=tuple(scales) if scales else None,
+                            local_features=local_features, keypoints=keypoints)
         if whiten not in ("auto", None, "none", "center", "pca"):
             raise ValueError(f"unknown whitening {whiten!r}; use auto, none, center or pca")
         self.whiten_mode = whiten
@@ -134,7 +137,8 @@ class Indexer:
             _, sha = resolve_weights(model, self.weights)
             return make_recipe(model, layer=o["layer"], pooling=o["pooling"] or "gem",
                                gem_p=o["gem_p"] or 3.0, image_size=o["image_size"] or 448,
-                               weights_sha256=sha, scales=o["scales"] or DEFAULT_SCALES)
+                               weights_sha256=sha, scales=o["scales"] or DEFAULT_SCALES,
+                               local_features=o["local_features"], keypoints=o["keypoints"])
         model = o["model"] or stored.model
         same_model = get_spec(model).name == stored.model
         pooling = o["pooling"] or stored.pooling
@@ -146,6 +150,9 @@ class Indexer:
             image_size=o["image_size"] or stored.image_size,
             scales=o["scales"] or stored.scales,
             weights_sha256=resolve_weights(model, self.weights)[1] if self.weights else stored.weights_sha256,
+            local_features=o["local_features"] or stored.local_features,
+            keypoints=o["keypoints"] or stored.local_keypoints or None,
+            local_size=stored.local_size or None,
         )
         stored.require_same(asked, str(store.path))
         return stored
@@ -284,13 +291,15 @@ class Indexer:
         hashes, unreadable = self._hash(candidates)
         # Descriptors of content already indexed, read before any row changes:
         # when names are swapped, a live row may already hold its new content.
-        known: dict[str, tuple[int, bytes, int, int]] = {}
+        known: dict[str, tuple[int, bytes, int, int, bytes | None]] = {}
         with store.session() as s:
             for sha in set(hashes.values()):
                 hit = s.execute(select(ImageRow.id, ImageRow.embedding, ImageRow.width,
-                                       ImageRow.height)
+                                       ImageRow.height, LocalRow.data)
+                                .outerjoin(LocalRow, LocalRow.image_id == ImageRow.id)
                                 .where(ImageRow.sha256 == sha, ImageRow.status == OK).limit(1)).first()
-                if hit:
+                # Without the local features the recipe asks for, the copy is embedded afresh.
+                if hit and (hit.data is not None or not recipe.has_local):
                     known[sha] = tuple(hit)
         missing_by_sha: dict[str, list] = {}
         for row in missing.values():
@@ -327,10 +336,12 @@ class Indexer:
                         summary.moved += 1
                 elif sha in known and (row is None or row.id != known[sha][0]):
                     # Same bytes as an indexed image: same descriptor, no need to embed.
-                    _, embedding, width, height = known[sha]
+                    _, embedding, width, height, local = known[sha]
                     vec = np.frombuffer(embedding, dtype=np.float32)[None]
                     target = self._upsert(s, row, f, sha, OK, None, embedding, width, height)
                     s.flush()
+                    if recipe.has_local:
+                        store.set_local(s, target.id, local)
                     if row is not None:
                         vectors.remove(index, [target.id])
                     index.add_with_ids(vec, np.array([target.id], dtype=np.int64))
@@ -392,6 +403,7 @@ class Indexer:
     def _fail(self, s, row, f: FileStat, sha, reason: str, index) -> None:
         db_row = self._upsert(s, row, f, sha, FAILED, reason, None, None, None)
         if row is not None and row.status == OK:
+            Store.set_local(s, db_row.id, None)
             vectors.remove(index, [db_row.id])
 
     def _encoder(self, recipe: Recipe, device: str):
@@ -428,6 +440,8 @@ class Indexer:
                     db_row = self._upsert(s, row, f, hashes[f.path], OK, None, vec.tobytes(),
                                           r.width, r.height)
                     s.flush()
+                    if encoder.recipe.has_local:  # in the row's transaction: both or neither
+                        store.set_local(s, db_row.id, r.local)
                     if row is not None:
                         replaced.append(db_row.id)
                         summary.updated += 1

@@ -58,6 +58,7 @@ EVENTS = {
     "main": "the harness is installed; cli.main is about to run",
     "ddl": "before a CREATE statement (the migration of a new database)",
     "commit": "before a SQLite COMMIT statement runs",
+    "local": "before a row's local features are written (mid-transaction, after the image's row)",
     "committed": "right after a SQLite commit returned",
     "scanned": "the scan of the roots is complete",
     "hashed": "new and changed files are hashed",
@@ -163,6 +164,8 @@ class _Faults:
                 faults.event("commit")
             elif head.startswith("CREATE"):
                 faults.event("ddl")
+            elif head.startswith(("INSERT", "UPDATE")) and "local_features" in sql[:40]:
+                faults.event("local")
 
         class Connection(sqlite3.Connection):
             def __init__(self, *a, **k):
@@ -410,7 +413,7 @@ class References:
 
     def __init__(self, library: Library, image_size: int, scratch: Path):
         self.library, self.image_size, self.scratch = library, image_size, scratch
-        self.known: dict[str, tuple] = {}  # sha -> (vector or None, error or None)
+        self.known: dict[str, tuple] = {}  # sha -> (vector or None, error or None, local features)
         self._encoder = None
         self.recipe_json = None
 
@@ -440,10 +443,10 @@ class References:
                 paths.append(str(p))
             for batch in embed_files(paths, self.encoder(), batch_size=8, workers=0):
                 for r in batch:
-                    self.known[todo[r.index]] = (r.vector, r.error)
+                    self.known[todo[r.index]] = (r.vector, r.error, r.local)
             for p in paths:
                 os.remove(p)
-        return {s: self.known.get(s, (None, "unknown content")) for s in shas}
+        return {s: self.known.get(s, (None, "unknown content", None)) for s in shas}
 
 
 @dataclass
@@ -537,15 +540,19 @@ class Harness:
         return out
 
     # -- runs --------------------------------------------------------------------------
-    def command(self, spec: dict, extra: list[str] = ()) -> list[str]:
+    def command(self, spec: dict, extra: list[str] = (), verb: str = "index") -> list[str]:
+        if verb == "repair":
+            return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "check",
+                    "--db", str(self.db), "--repair", *extra]
         return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "index",
                 str(self.library.root), "--db", str(self.db), "--workers", str(self.workers),
                 "--batch-size", str(self.batch_size), "--image-size", str(self.image_size),
                 *extra]
 
     def run(self, spec: dict | None = None, kill_after: float | None = None,
-            cache: str | None = None, timeout: float = 300) -> Run:
-        """Run the child once; ``kill_after`` seconds after its 'main' event, SIGKILL it."""
+            cache: str | None = None, timeout: float = 300, verb: str = "index") -> Run:
+        """Run the child once (``verb`` "index", or "repair": ``check --repair``); ``kill_after``
+        seconds after its 'main' event, SIGKILL it."""
         self._runs += 1
         trace = self.work / "traces" / f"run{self._runs}.txt"
         trace.parent.mkdir(exist_ok=True)
@@ -554,8 +561,8 @@ class Harness:
         if cache or self.cache:
             env["LOOKALIKE_CACHE"] = cache or self.cache
         # Pipes, not files: RLIMIT_FSIZE must not silence the child's stderr.
-        proc = subprocess.Popen(self.command(spec), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(self.command(spec, verb=verb), cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started = time.monotonic()
         if kill_after is not None:
             while proc.poll() is None and not (trace.exists() and trace.stat().st_size):
@@ -619,7 +626,13 @@ class Harness:
             for r in con.execute("select id, path, size, mtime_ns, sha256, status, error, embedding, "
                                  "width, height from images"):
                 rows[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "sha256", "status", "error",
-                                       "embedding", "width", "height"), r))
+                                       "embedding", "width", "height"), r), local=None)
+            if "local_features" in tables:
+                for image_id, data in con.execute("select image_id, data from local_features"):
+                    if image_id in rows:
+                        rows[image_id]["local"] = data
+                    else:
+                        problems.append(f"local features of id {image_id}, which has no row")
             settings = dict(con.execute("select key, value from settings").fetchall())
             return rows, int(settings.get("generation", 0)), settings.get("recipe"), problems
         except sqlite3.Error as exc:
@@ -667,16 +680,21 @@ class Harness:
         refs = self.refs.get([r["sha256"] for r in rows.values() if r["sha256"]])
         for r in rows.values():
             if r["status"] == "ok":
-                vec, err = refs.get(r["sha256"], (None, "no sha256"))
+                vec, err, local = refs.get(r["sha256"], (None, "no sha256", None))
                 got = np.frombuffer(r["embedding"] or b"", dtype=np.float32)
                 if vec is None:
                     issues.append(f"id {r['id']} ok but its content does not decode ({err})")
                 elif got.shape != vec.shape or not np.allclose(got, vec, atol=1e-4):
                     issues.append(f"id {r['id']} {os.path.basename(r['path'])}: stored descriptor "
                                   "differs from a fresh computation")
+                elif r["local"] != local:  # written with the row, in its transaction
+                    issues.append(f"id {r['id']} {os.path.basename(r['path'])}: local features "
+                                  + ("missing" if r["local"] is None else "differ from a fresh extraction"))
             elif r["status"] == "failed":
                 if not r["error"]:
                     issues.append(f"id {r['id']} failed without a reason")
+                if r["local"] is not None:
+                    issues.append(f"id {r['id']} failed but keeps local features")
                 if r["sha256"] and refs.get(r["sha256"], (None, None))[0] is not None:
                     issues.append(f"id {r['id']} {os.path.basename(r['path'])} recorded as failed "
                                   "but decodes")
@@ -750,7 +768,7 @@ class Harness:
         lost = 0
         for p, sha in files.items():
             r = under.get(p)
-            vec, err = refs[sha]
+            vec, err, _ = refs[sha]
             name = os.path.relpath(p, self.library.root)
             st = os.stat(p)
             if r is None:

@@ -26,6 +26,8 @@ TRIALS = [
     ("before COMMIT of the scan's changes", "kill", [kill("commit", 1)], {}),
     ("after commit of the scan's changes", "kill", [kill("committed", 1)], {}),
     ("first batch embedded, not stored", "kill", [kill("batch", 1)], {}),
+    ("first local features, row written, not committed", "kill", [kill("local", 1)], {}),
+    ("mid-batch, between two images' local features", "kill", [kill("local", 3)], {}),
     ("before COMMIT of the first batch", "kill", [kill("commit", 2)], {}),
     ("after commit of the first batch", "kill", [kill("committed", 2)], {}),
     ("second batch embedded, not stored", "kill", [kill("batch", 2)], {}),
@@ -44,6 +46,7 @@ TRIALS = [
     ("new db: after the migration commit", "kill", [kill("committed", 1)], {"fresh_db": True}),
     ("new db: after the recipe commit", "kill", [kill("committed", 2)], {"fresh_db": True}),
     ("new db: mid first run", "kill", [kill("batch", 3)], {"fresh_db": True}),
+    ("new db: first local features", "kill", [kill("local", 1)], {"fresh_db": True}),
     ("new db: mid-migration (tables made, no version)", "kill", [kill("ddl", 3)], {"fresh_db": True}),
     ("ONNX export: graph half written", "kill", [kill("onnx-exported", how="midway")],
      {"cache": "empty"}),
@@ -76,7 +79,7 @@ def test_the_trials_cover_enough_moments():
     assert len(points) >= 23
     assert {p.split("#")[0] for p, _ in points} >= {
         "commit", "committed", "faiss-write", "batch", "replace:faiss", "replaced:faiss", "scanned",
-        "ddl", "onnx-exported"}
+        "ddl", "onnx-exported", "local"}
     assert sum(t[1] == "I/O" for t in TRIALS) >= 2
     assert all(e in EVENTS for e in {p.split("#")[0] for p, _ in points})
 
@@ -126,3 +129,29 @@ def test_emfile_while_decoding(tmp_path):
     out = h.trial("EMFILE while decoding", "I/O", [limit("nofile", "batch", 1)],
                   mutate={"add": 6, "modify": 0, "delete": 0, "rename": 0})
     _check(out, [], EMFILE)
+
+
+def test_repair_of_local_features_killed_midway(tmp_path):
+    """check --repair rewrites missing and damaged local features with their rows, in one
+    transaction: killed while writing them, it changes nothing, and the next repair mends all."""
+    import sqlite3
+
+    h = Harness(tmp_path, seed=SEED + 4, images=10)
+    assert h.baseline().survived
+    with sqlite3.connect(h.db) as con:
+        ids = [r[0] for r in con.execute("select image_id from local_features order by image_id")]
+        con.execute("delete from local_features where image_id in (?, ?)", ids[:2])
+        con.execute("update local_features set data = substr(data, 1, 40) where image_id = ?", (ids[2],))
+    damaged, *_ = h.read_db()
+    killed = h.run({"kill": {"at": "local", "n": 2, "how": "now"}}, verb="repair")
+    assert killed.killed, killed.stderr
+    rows, _, _, problems = h.read_db()
+    assert not problems
+    assert {i: (r["embedding"], r["local"]) for i, r in rows.items()} == {
+        i: (r["embedding"], r["local"]) for i, r in damaged.items()}
+    fixed = h.run(verb="repair")
+    assert fixed.rc == 0, fixed.stderr
+    assert "3 problems, all fixed" in fixed.stdout, fixed.stdout
+    out = Outcome("after the repair", "none")
+    h.check_complete(out, h.run())
+    assert out.survived, out.row()

@@ -442,7 +442,7 @@ def test_regression_worker_catch_all_gives_one_line(tmp_path, monkeypatch):
         raise RuntimeError("first\nsecond\r\nthird")
 
     monkeypatch.setattr(pipeline, "open_image", boom)
-    _, px, _, _, err = pipeline._Files([str(tmp_path / "x.png")], 32, DEFAULT_MAX_PIXELS)[0]
+    _, px, _, _, err, _ = pipeline._Files([str(tmp_path / "x.png")], 32, DEFAULT_MAX_PIXELS)[0]
     assert px is None and err == "RuntimeError: first second third"
 
 

@@ -68,7 +68,10 @@ def test_the_database_stores_paths_and_image_facts_only(photos, tmp_path):
         columns = {r[1] for r in con.execute("pragma table_info(images)")}
         settings = {r[0] for r in con.execute("select key from settings")}
         tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        local = {r[1] for r in con.execute("pragma table_info(local_features)")}
     assert columns == {"id", "path", "size", "mtime_ns", "sha256", "width", "height", "status", "error",
                        "embedding", "indexed_at"}
     assert settings == {"recipe", "generation"}
-    assert tables - {"sqlite_sequence"} == {"images", "settings", "alembic_version"}
+    # Local features are keypoint positions and descriptors, packed (indexer.local), by image id.
+    assert local == {"image_id", "data"}
+    assert tables - {"sqlite_sequence"} == {"images", "settings", "alembic_version", "local_features"}
