@@ -130,6 +130,16 @@ SCALES_HELP = ("Scales of --image-size whose descriptors are summed [default: 1,
                "'multi' for 1,0.707,0.5.")
 WHITEN_HELP = ("Whitening learned from the collection: auto (centre once 50 images are indexed, "
                "default), center, pca (needs 2 images per dimension), none.")
+LOCAL_HELP = ("Local features stored for verification (finding the same object or picture at an "
+              "angle, cropped or turned): sift (default) or none.")
+VERIFY_HELP = ("Re-rank this many of the best results by verifying local features; 0 turns it off "
+               "[default: 100 when the database has local features].")
+
+
+def _local_kinds() -> tuple[str, ...]:
+    from indexer.local import KINDS
+
+    return KINDS
 
 
 def recipe_options(f):
@@ -145,6 +155,9 @@ def recipe_options(f):
         click.option("--scales", callback=_scales, help=SCALES_HELP),
         click.option("--whiten", type=click.Choice(["auto", "center", "pca", "none"]), default="auto",
                      show_default=True, help=WHITEN_HELP),
+        click.option("--local-features", type=click.Choice(_local_kinds()), help=LOCAL_HELP),
+        click.option("--keypoints", type=click.IntRange(16, 4000),
+                     help="Local features kept per image, the strongest [default: 500]."),
     ]):
         f = opt(f)
     return f
@@ -159,6 +172,7 @@ def query_options(f):
                      help="Database-side augmentation: each indexed image blended with this many neighbours."),
         click.option("--rotations", is_flag=True, help="Also try the query turned 90, 180 and 270 degrees."),
         click.option("--flip", is_flag=True, help="Also try the query mirrored left-right."),
+        click.option("--verify", type=click.IntRange(min=0), default=None, help=VERIFY_HELP),
     ]):
         f = opt(f)
     return f
@@ -173,8 +187,8 @@ def query_options(f):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option("--retry-failed", is_flag=True, help="Try again the files that failed before.")
-def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten, batch_size,
-          workers, device, hidden, retry_failed) -> None:
+def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
+          local_features, keypoints, batch_size, workers, device, hidden, retry_failed) -> None:
     """Index the images under ROOT... (again: only what changed)."""
     from indexer import Indexer
     from indexer.scan import display_path
@@ -182,6 +196,7 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, 
     try:
         indexer = Indexer(db, model=model, weights=weights, layer=layer, pooling=pooling,
                           gem_p=gem_p, image_size=image_size, scales=scales, whiten=whiten,
+                          local_features=local_features, keypoints=keypoints,
                           device=device, batch_size=batch_size, workers=workers,
                           include_hidden=hidden, retry_failed=retry_failed)
         bar = None
@@ -239,8 +254,13 @@ def _query_paths(images: tuple[str, ...]):
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
 @query_options
 @click.option("--box", callback=_box, help="Query by a region of the image: X0,Y0,X1,Y1 in pixels (upright image).")
-def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, box) -> None:
-    """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin)."""
+def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, verify, box) -> None:
+    """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin).
+
+    The table shows rank, cosine similarity, verified inliers (blank: not
+    verified) and path; --json adds each image's id, size and the box where
+    the query appears in it.
+    """
     from indexer import DecodeError
     from indexer.scan import display_path
     from search import Searcher
@@ -253,6 +273,7 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, box
         with Searcher(db, device=device, weights=weights, dba=dba) as searcher:
             if not len(searcher):
                 click.echo(f"lookalike: {searcher.store.path} holds no indexed image yet", err=True)
+            options["verify"] = searcher.verify_depth(verify)  # a refusal before any work
             for path in _query_paths(images):
                 try:
                     matches = searcher.search(path, k=k, **options)
@@ -265,7 +286,8 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, box
                 else:
                     click.echo(display_path(path))
                     for rank, m in enumerate(matches, 1):
-                        click.echo(f"  {rank:>3}  {m.score:.4f}  {display_path(m.path)}")
+                        inliers = str(m.inliers) if m.inliers else ""
+                        click.echo(f"  {rank:>3}  {m.score:.4f}  {inliers:>5}  {display_path(m.path)}")
     except _user_errors() as exc:
         raise _fail(exc) from None
     if failures:
@@ -281,16 +303,20 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, box
 @query_options
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--by", "by", metavar="COLUMN",
+              help="Also score the queries by each value of this ground-truth column (camera, edit...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
 def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
-             qe, dba, rotations, flip, workers, device, as_json) -> None:
+             local_features, keypoints, qe, dba, rotations, flip, verify, workers, device, by,
+             as_json) -> None:
     """Index a labelled DATASET, query every image against the rest, print mAP, P@k, R@k and speed."""
     from search.evaluate import evaluate as run
 
     try:
         result = run(dataset, groundtruth, db=db, qe=qe, dba=dba, rotations=rotations, flip=flip,
-                     device=device, model=model, weights=weights, layer=layer, pooling=pooling,
-                     gem_p=gem_p, image_size=image_size, scales=scales, whiten=whiten,
+                     verify=verify, by=by, device=device, model=model, weights=weights, layer=layer,
+                     pooling=pooling, gem_p=gem_p, image_size=image_size, scales=scales,
+                     whiten=whiten, local_features=local_features, keypoints=keypoints,
                      workers=workers)
     except _user_errors() as exc:
         raise _fail(exc) from None
@@ -343,6 +369,10 @@ def info(db, as_json) -> None:
     click.echo(f"whitening  {data['whitening'] or 'none'}")
     c = data["counts"]
     click.echo(f"images     {c['ok']} indexed, {c['failed']} failed")
+    lf = data["local_features"]
+    if lf["images"]:
+        click.echo(f"local      features of {lf['images']} images, {lf['bytes'] / lf['images'] / 1000:.1f} KB "
+                   "per image")
     for name, size in data["sizes"].items():
         click.echo(f"{name:<10} {size / 1e6:.1f} MB")
     for f in data["failures"]:

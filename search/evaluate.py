@@ -62,6 +62,7 @@ class Entry:
     path: str
     group: str
     query: bool
+    columns: dict = field(default_factory=dict, compare=False)  # the row's other columns
 
 
 @dataclass
@@ -82,6 +83,10 @@ class Evaluation:
     query_options: dict = field(default_factory=dict)
     skipped_alone: int = 0  # queries whose group has no other image
     unreadable_queries: int = 0  # queries that could not be decoded (scored 0)
+    local_bytes_per_image: float | None = None  # stored local features, mean per indexed image
+    verified_per_query: float | None = None  # results verified per query, with verification
+    # With ``by``: {column value: {"queries", "map", "precision_at_1"}}.
+    by: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,17 +103,26 @@ class Evaluation:
             notes.append(f"{self.skipped_alone} left out: alone in their group")
         if self.unreadable_queries:
             notes.append(f"{self.unreadable_queries} unreadable, scored 0")
-        return [
+        local = ("no local features" if not self.local_bytes_per_image else
+                 f"{r['local_features']} local features, {r['local_keypoints']} per image at "
+                 f"{r['local_size']} px, {self.local_bytes_per_image / 1000:.1f} KB per image")
+        lines = [
             f"{self.dataset}: {self.queries} queries against {self.images} images"
             + (f" ({'; '.join(notes)})" if notes else ""),
             f"recipe: {r['model']}, layer {r['layer']}, {r['pooling']}"
             + (f" p={r['gem_p']:g}" if r["pooling"] == "gem" else "")
-            + f", {r['image_size']} px, scales {','.join(f'{s:g}' for s in r['scales'])}; "
+            + f", {r['image_size']} px, scales {','.join(f'{s:g}' for s in r['scales'])}; {local}; "
             f"whitening: {self.whitening or 'none'}; query options: {opts}",
             f"mAP {self.map:.3f}  P@1 {self.precision_at_1:.3f}  P@10 {self.precision_at_10:.3f}  "
-            + "  ".join(f"R@{k} {v:.3f}" for k, v in self.recall.items()),
+            + "  ".join(f"R@{k} {v:.3f}" for k, v in self.recall.items())
+            + (f"  ({self.verified_per_query:.1f} results verified per query)"
+               if self.verified_per_query is not None else ""),
             f"speed: indexing {speed}, querying {self.queries_per_s:.1f} queries/s",
         ]
+        for value, scores in self.by.items():
+            lines.append(f"  {value}: {scores['queries']} queries, mAP {scores['map']:.3f}  "
+                         f"P@1 {scores['precision_at_1']:.3f}")
+        return lines
 
 
 def read_groundtruth(csv_path: str | os.PathLike, root: str | os.PathLike) -> list[Entry]:
@@ -127,8 +141,9 @@ def read_groundtruth(csv_path: str | os.PathLike, root: str | os.PathLike) -> li
                 if not row["path"] or not row["group"]:
                     raise GroundTruthError(f"{csv_path}:{line}: empty path or group")
                 flag = (row.get("query") or "").strip().lower() in ("1", "true", "yes", "y")
+                extra = {k: v for k, v in row.items() if k not in ("path", "group", "query")}
                 entries.append(Entry(os.path.abspath(root / row["path"]), row["group"],
-                                     flag if has_query else True))
+                                     flag if has_query else True, extra))
     except OSError as exc:
         raise GroundTruthError(f"{csv_path}: cannot read the ground truth ({exc.strerror or exc})") from None
     if not entries:
@@ -140,15 +155,18 @@ def read_groundtruth(csv_path: str | os.PathLike, root: str | os.PathLike) -> li
 
 def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None = None, *,
              db: str | os.PathLike | None = None, qe: int | None = None, dba: int = 0,
-             rotations: bool = False, flip: bool = False, device: str = "auto",
+             rotations: bool = False, flip: bool = False, verify: int | None = None,
+             by: str | None = None, device: str = "auto",
              progress: Callable[[int, int], None] | None = None,
              **index_options) -> Evaluation:
     """Index ``dataset`` (into ``db``, or a temporary database) and score every query.
 
     ``index_options`` go to ``Indexer`` (model, layer, pooling, gem_p,
-    image_size, scales, whiten, weights, workers...); ``qe``, ``dba``,
-    ``rotations`` and ``flip`` to ``Searcher``. Images listed but not indexed
-    (a file that failed) still count as relevant items never found.
+    image_size, scales, whiten, local_features, keypoints, weights, workers...);
+    ``qe``, ``dba``, ``rotations``, ``flip`` and ``verify`` to ``Searcher``.
+    Images listed but not indexed (a file that failed) still count as relevant
+    items never found. ``by`` names a ground-truth column: the queries are
+    also scored for each of its values.
     """
     from indexer import DecodeError, Indexer
 
@@ -156,6 +174,9 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
 
     root = Path(dataset).expanduser()
     entries = read_groundtruth(Path(groundtruth) if groundtruth else root / "groundtruth.csv", root)
+    if by is not None and by not in entries[0].columns:
+        raise GroundTruthError(f"{root}: the ground truth has no column {by!r} "
+                               f"(it has {', '.join(sorted(entries[0].columns)) or 'none besides path and group'})")
     qe = DEFAULT_QE if qe is None else qe
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
         db_path = Path(db) if db else Path(tmp) / "evaluate.db"
@@ -174,13 +195,15 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
             unreadable = 0
             aps, p1, p10 = [], [], []
             recall = {k: [] for k in RECALL_AT}
+            verified = 0
             n = len(s)
+            depth = s.verify_depth(verify)
             start = time.perf_counter()
             for q in queries:
                 own = s.id_of(q.path)
                 try:
                     matches = s.search(q.path, k=n, qe=qe, rotations=rotations, flip=flip,
-                                       exclude=[own] if own is not None else [])
+                                       exclude=[own] if own is not None else [], verify=depth)
                 except (DecodeError, OSError) as exc:
                     # A query that cannot be read finds nothing: it scores 0, the run goes on.
                     log.warning("%s: cannot be queried (%s); it scores 0", q.path, exc)
@@ -188,6 +211,7 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
                     matches = []
                 rel = [group_of.get(m.path) == q.group for m in matches]
                 total = sizes[q.group] - 1
+                verified += sum(1 for m in matches if m.inliers)
                 aps.append(average_precision(rel, total))
                 p1.append(precision_at(rel, 1))
                 p10.append(precision_at(rel, 10))
@@ -196,6 +220,7 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
             took = time.perf_counter() - start
             whitening = s.whitening.describe() if s.whitening is not None else None
             recipe = asdict(s.recipe)
+            with_local, local_bytes = s.store.local_stats()
     if not queries:
         raise GroundTruthError(f"{root}: no query has another image of its group to find")
     return Evaluation(
@@ -204,6 +229,19 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
         recall={k: float(np.mean(v)) for k, v in recall.items()},
         index_images_per_s=embedded_per_s, queries_per_s=len(queries) / took if took else 0.0,
         recipe=recipe, whitening=whitening,
-        query_options={"qe": qe, "dba": dba, "rotations": rotations, "flip": flip},
+        query_options={"qe": qe, "dba": dba, "rotations": rotations, "flip": flip, "verify": depth},
         skipped_alone=alone, unreadable_queries=unreadable,
+        local_bytes_per_image=local_bytes / with_local if with_local else None,
+        verified_per_query=verified / len(queries) if depth else None,
+        by=_by(queries, aps, p1, by) if by else {},
     )
+
+
+def _by(queries: list[Entry], aps: list[float], p1: list[float], column: str) -> dict:
+    """mAP and precision@1 of the queries with each value of ``column``, values in order."""
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q.columns.get(column) or "", []).append(i)
+    return {value: {"queries": len(rows), "map": float(np.mean([aps[i] for i in rows])),
+                    "precision_at_1": float(np.mean([p1[i] for i in rows]))}
+            for value, rows in sorted(groups.items())}

@@ -29,17 +29,27 @@ DEFAULT_QE = 2
 
 @dataclass(frozen=True)
 class Match:
-    """One search result: the image's database id, absolute path, cosine similarity and size."""
+    """One search result: the image's database id, absolute path, cosine similarity and size.
+
+    With verification, ``inliers`` counts the local features that a geometric
+    transform maps from the query onto this image (0: not verified), and
+    ``box`` is where the query appears in it: the query's four corners
+    (top-left, top-right, bottom-right, bottom-left), in this image's upright
+    pixels; None when not verified.
+    """
 
     id: int
     path: str
     score: float
     width: int
     height: int
+    inliers: int = 0
+    box: tuple[tuple[float, float], ...] | None = None
 
     def to_dict(self) -> dict:
         return {"path": self.path, "score": self.score, "id": self.id,
-                "width": self.width, "height": self.height}
+                "width": self.width, "height": self.height, "inliers": self.inliers,
+                "box": [list(p) for p in self.box] if self.box else None}
 
 
 class Searcher:
@@ -76,6 +86,7 @@ class Searcher:
             raise
         self.weights, self.max_pixels = weights, max_pixels
         self._encoder = None
+        self._pool = None  # threads that find a query's keypoints, made on first use
 
     def refresh(self) -> bool:
         """Load what the database holds now, even in the middle of an index run; whether it changed.
@@ -147,6 +158,8 @@ class Searcher:
         self.close()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.store.close()
 
     def __len__(self) -> int:
@@ -179,31 +192,96 @@ class Searcher:
             return l2n(vec)
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, not {rotation}")
-        return self.encoder.embed(_turn(self._pixels(query, box), rotation, flip))[0]
+        return self.encoder.embed(_turn(self._decode(query, box).pixels, rotation, flip))[0]
 
     def search(self, query: Query, k: int = 10, *, qe: int = DEFAULT_QE, box: Box | None = None,
-               rotations: bool = False, flip: bool = False,
-               exclude: Iterable[int] = ()) -> list[Match]:
+               rotations: bool = False, flip: bool = False, exclude: Iterable[int] = (),
+               verify: int | None = None) -> list[Match]:
         """The ``k`` indexed images most similar to ``query``, best first.
 
         ``qe``: alpha-query expansion with that many top results (0: none). ``rotations``:
         also try the query turned by 90, 180 and 270 degrees, and ``flip``
         mirrored; each image keeps its best score. ``box``: query by a region
         of the image. ``exclude``: database ids left out of the results and of
-        the expansion (for example the query's own entry).
+        the expansion (for example the query's own entry). ``verify``: re-rank
+        that many of the best global results by geometric verification of
+        local features (0: none; None: search.verify.DEFAULT_VERIFY when the
+        database has local features, else none).
         """
+        depth = self.verify_depth(verify)
         if isinstance(query, np.ndarray) and query.ndim == 1:
             if box is not None or rotations or flip:
                 raise ValueError("box, rotations and flip need an image, not a descriptor")
-            vecs = [self.embed(query)]
+            if verify:
+                raise ValueError("verification needs an image, not a descriptor")
+            depth, decoded, vecs = 0, None, [self.embed(query)]
         else:
-            pixels = self._pixels(query, box)
+            decoded = self._decode(query, box, local=depth > 0)
+            # The query's keypoints are found while the network runs: both release the GIL.
+            keypoints = self._extractor().submit(self._keypoints, decoded.gray) if depth else None
             turns = [(r, f) for r in (ROTATIONS if rotations else (0,)) for f in ((False, True) if flip else (False,))]
-            batch = [_turn(pixels, r, f) for r, f in turns]
-            vecs = [self.encoder.embed(b)[0] for b in batch]
-        return self.search_vectors(np.stack(vecs), k, qe=qe, exclude=exclude, merge=True)[0]
+            vecs = [self.encoder.embed(_turn(decoded.pixels, r, f))[0] for r, f in turns]
+        ranked = self._ranked(np.stack(vecs), max(k, depth), qe, set(map(int, exclude)), merge=True)[0]
+        if depth:
+            ranked = self._verified(keypoints.result(), ranked, depth)
+        return [m for m, _ in ranked[:k]]
 
-    def _pixels(self, query: Query, box: Box | None) -> np.ndarray:
+    def _extractor(self):
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookalike-keypoints")
+            return self._pool
+
+    def _keypoints(self, gray: np.ndarray):
+        from indexer import local
+
+        return local.extract(gray, self.recipe.local_keypoints)
+
+    def verify_depth(self, verify: int | None) -> int:
+        """How many results a search verifies when asked for ``verify`` (None: the default)."""
+        from indexer import local
+
+        from .verify import DEFAULT_VERIFY
+
+        if verify is not None and verify < 0:
+            raise ValueError("verify must be 0 or more")
+        if not self.recipe.has_local:
+            if verify:
+                raise ValueError(f"{self.store.path} holds no local features to verify with (it was "
+                                 "indexed with --local-features none); index into a new database")
+            return 0
+        if self.recipe.local_codec != local.codec():
+            if verify is None:
+                log.warning("%s: local features stored as %s, this lookalike reads %s; searching "
+                            "without verification", self.store.path, self.recipe.local_codec, local.codec())
+                return 0
+            from indexer import RecipeMismatch
+
+            raise RecipeMismatch(f"{self.store.path}: local features stored as {self.recipe.local_codec}, "
+                                 f"this lookalike reads {local.codec()}; index into a new database")
+        return DEFAULT_VERIFY if verify is None else int(verify)
+
+    def _verified(self, query, ranked: list[tuple[Match, float]],
+                  depth: int) -> list[tuple[Match, float]]:
+        """The first ``depth`` results re-ranked by verification of the query's keypoints,
+        the rest after them."""
+        from dataclasses import replace
+
+        from . import verify
+
+        head, tail = ranked[:depth], ranked[depth:]
+        stored = self.store.local_features(m.id for m, _ in head)
+        found = verify.verify(query, {m.id: stored[m.id] for m, _ in head if m.id in stored},
+                              {m.id: (m.width, m.height) for m, _ in head})
+        head = [(replace(m, inliers=found[m.id].inliers, box=found[m.id].box) if m.id in found else m, rank)
+                for m, rank in head]
+        scores = verify.rank_scores([rank for _, rank in head], [m.inliers for m, _ in head])
+        order = np.argsort(-scores, kind="stable")  # ties keep the global order
+        return [(head[i][0], float(scores[i])) for i in order] + tail
+
+    def _decode(self, query: Query, box: Box | None, local: bool = False):
         if isinstance(query, np.ndarray):
             from PIL import Image
 
@@ -211,7 +289,8 @@ class Searcher:
                 raise ValueError(f"an image array must be H x W x 3 uint8, not {query.shape} "
                                  f"{query.dtype}")
             query = Image.fromarray(np.ascontiguousarray(query), "RGB")
-        return open_image(query, self.recipe.image_size, self.max_pixels, box=box).pixels
+        return open_image(query, self.recipe.image_size, self.max_pixels, box=box,
+                          gray=self.recipe.local_size if local else None)
 
     def search_vectors(self, vecs: np.ndarray, k: int = 10, *, qe: int = DEFAULT_QE,
                        exclude: Iterable[int] = (), merge: bool = False) -> list[list[Match]]:
@@ -220,6 +299,12 @@ class Searcher:
         With ``merge``, the rows are views of one query (turned, mirrored): one
         result list, each image with its best score over the rows.
         """
+        return [[m for m, _ in row] for row in self._ranked(vecs, k, qe, {int(i) for i in exclude}, merge)]
+
+    def _ranked(self, vecs: np.ndarray, k: int, qe: int, exclude: set[int],
+                merge: bool) -> list[list[tuple[Match, float]]]:
+        """search_vectors' results, each with the similarity it was ranked by (that of the
+        expanded query, which ``Match.score``, the plain cosine, is not)."""
         if k < 1:
             raise ValueError("k must be at least 1")
         if qe < 0:
@@ -229,7 +314,6 @@ class Searcher:
         vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
         if vecs.shape[1] != self.recipe.dim:
             raise ValueError(f"descriptors have {vecs.shape[1]} dims, the index {self.recipe.dim}")
-        exclude = {int(i) for i in exclude}
         total = int(state.cpu.ntotal)
         if total == 0:
             return [[]] if merge else [[] for _ in vecs]
@@ -247,23 +331,24 @@ class Searcher:
                         best[int(i)] = float(sc)
             order = sorted(best, key=best.get, reverse=True)
             ids = np.array([order], dtype=np.int64)
-            # Ranked by the expanded query and the best view, but the score stays
-            # the cosine between the query as given and the image: a copy scores 1.
-            scores = state.cosines(q0, ids[0])[None]
-        elif qe:
-            scores = np.stack([state.cosines(q0[j:j + 1], row) for j, row in enumerate(ids)])
-        return self._matches(scores, ids, k, exclude)
+            scores = np.array([[best[i] for i in order]], dtype=np.float32)
+        # Ranked by the expanded query and the best view, but the score shown is
+        # the cosine between the query as given and the image: a copy scores 1.
+        cosines = (np.stack([state.cosines(q0, row) if merge else state.cosines(q0[j:j + 1], row)
+                             for j, row in enumerate(ids)]) if qe or merge else scores)
+        return self._matches(cosines, scores, ids, k, exclude)
 
-    def _matches(self, scores, ids, k: int, exclude: set[int]) -> list[list[Match]]:
+    def _matches(self, cosines, ranks, ids, k: int, exclude: set[int]) -> list[list[tuple[Match, float]]]:
         rows = self.store.describe_ids(i for i in ids.ravel() if i >= 0)
         out = []
-        for srow, irow in zip(scores, ids):
+        for crow, rrow, irow in zip(cosines, ranks, ids):
             matches = []
-            for score, i in zip(srow, irow):
+            for cosine, rank, i in zip(crow, rrow, irow):
                 if int(i) in rows and int(i) not in exclude and len(matches) < k:
                     path, width, height = rows[int(i)]
                     # Rounding can put an image's cosine with itself a hair above 1.
-                    matches.append(Match(int(i), path, min(1.0, float(score)), width, height))
+                    matches.append((Match(int(i), path, min(1.0, float(cosine)), width, height),
+                                    float(rank)))
             out.append(matches)
         return out
 

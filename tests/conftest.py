@@ -104,3 +104,65 @@ def run_unprivileged(args: list[str], **kw):
             pytest.skip("cannot drop root's file privileges here")
         kw["preexec_fn"] = _drop_file_privileges
     return subprocess.run(args, capture_output=True, text=True, **kw)
+
+
+def make_poster(seed: int, size: tuple[int, int] = (360, 480)) -> Image.Image:
+    """A seeded flat picture with the detail of a printed cover: shapes, lines and lettering."""
+    from PIL import ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+
+    def colour():
+        return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+    img = Image.new("RGB", size, colour())
+    draw = ImageDraw.Draw(img)
+    for _ in range(60):
+        kind = rng.integers(0, 3)
+        x0, y0 = int(rng.integers(-20, w)), int(rng.integers(-20, h))
+        x1, y1 = x0 + int(rng.integers(8, w // 3)), y0 + int(rng.integers(8, h // 3))
+        if kind == 0:
+            draw.rectangle((x0, y0, x1, y1), fill=colour())
+        elif kind == 1:
+            draw.ellipse((x0, y0, x1, y1), fill=colour())
+        else:
+            draw.line((x0, y0, x1, y1), fill=colour(), width=int(rng.integers(1, 6)))
+    font = ImageFont.load_default(size=28)
+    for _ in range(6):
+        text = "".join(chr(int(c)) for c in rng.integers(65, 91, 8))
+        draw.text((int(rng.integers(0, w - 100)), int(rng.integers(0, h - 30))), text,
+                  fill=colour(), font=font)
+    return img
+
+
+def homography(src, dst) -> np.ndarray:
+    """The 3 x 3 projective map that takes the four points ``src`` to ``dst``."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        rhs += [u, v]
+    h = np.linalg.solve(np.array(rows, np.float64), np.array(rhs, np.float64))
+    return np.append(h, 1.0).reshape(3, 3)
+
+
+def apply_homography(h: np.ndarray, points) -> np.ndarray:
+    p = np.c_[np.asarray(points, np.float64), np.ones(len(points))] @ h.T
+    return p[:, :2] / p[:, 2:]
+
+
+def photograph(picture: Image.Image, corners, background: Image.Image,
+               blur: float = 0.7) -> Image.Image:
+    """``picture`` seen at an angle: warped so that its corners (top-left, top-right,
+    bottom-right, bottom-left) land on ``corners`` of ``background``, slightly blurred."""
+    from PIL import ImageFilter
+
+    w, h = picture.size
+    # Pillow maps each output pixel back into the picture: the inverse homography.
+    back = homography(corners, [(0, 0), (w, 0), (w, h), (0, h)])
+    coeffs = (back / back[2, 2]).ravel()[:8]
+    warped = picture.convert("RGBA").transform(background.size, Image.Transform.PERSPECTIVE, coeffs,
+                                               Image.Resampling.BICUBIC)
+    scene = background.convert("RGBA")
+    scene.alpha_composite(warped)
+    return scene.convert("RGB").filter(ImageFilter.GaussianBlur(blur))

@@ -223,7 +223,7 @@ def test_messages_and_table_naming_a_path_with_a_newline_stay_one_line(awkward, 
     newline = awkward / "new\nline.jpg"
     result = run("query", "--db", db, "-k", "1", "--", newline)
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [display_path(newline), f"    1  1.0000  {display_path(newline)}"]
+    assert result.stdout.splitlines() == [display_path(newline), f"    1  1.0000         {display_path(newline)}"]
 
 
 # -- long names and paths over PATH_MAX ---------------------------------------
