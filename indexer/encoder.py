@@ -187,6 +187,10 @@ def _load_onnx(path: Path):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = os.cpu_count() or 1
     opts.log_severity_level = 3
+    # Idle threads sleep instead of spinning after each run: spinning, they kept the cores
+    # from FAISS's threads, and a search right after a forward pass took 8 ms instead of
+    # a few hundredths; the forward pass costs 2 ms more (bench/RESULTS.md, run 6).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
