@@ -109,10 +109,14 @@ def _keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 128 << 20)
 
 
-def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers: int = 0,
-                max_pixels: int = DEFAULT_MAX_PIXELS,
+def embed_files(paths: Sequence[str], encoder, *, recipe=None, batch_size: int = 32,
+                workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                 decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT) -> Iterator[list[Result]]:
     """Yield lists of Results, in batches, until every path has one.
+
+    ``encoder`` is an Encoder, or a function that makes one (then ``recipe``
+    says what to decode): it is called once the decoding processes have
+    started, so that a first run's model export overlaps their work.
 
     A file whose decoding takes longer than ``decode_timeout`` seconds (None:
     no limit) fails with that reason and the run goes on. An error of the
@@ -125,12 +129,18 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
     from torch.utils.data import DataLoader
 
     _keep_freed_memory()
-    recipe = encoder.recipe
+    recipe = recipe or encoder.recipe
     local = (recipe.local_size, recipe.local_keypoints) if recipe.has_local else None
     dataset = _Files(paths, recipe.image_size, max_pixels, decode_timeout, local)
+    # Room for about 64 decoded images in flight (some 30 MB at the defaults), so that
+    # the processes keep decoding while this one exports the model or writes a batch.
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                        collate_fn=_identity, prefetch_factor=4 if workers else None,
+                        collate_fn=_identity, prefetch_factor=max(4, 64 // workers) if workers else None,
                         persistent_workers=False)
+    items = iter(loader)  # the decoding processes start here
+    if callable(encoder):
+        encoder = encoder()
+    log.info("embedding %d files with %s", len(paths), encoder.engine)
     buckets: dict[tuple[int, int], list] = {}
     buffered = 0
     # Bound memory when many shapes are pending: flush the largest bucket.
@@ -146,7 +156,7 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 32, workers:
                 for (i, _, w, h, blob), v in zip(items, vecs)]
 
     failed: list[Result] = []
-    for i, px, w, h, err, blob in loader:
+    for i, px, w, h, err, blob in items:
         if isinstance(err, _ProcessError):
             raise OSError(err.errno, err.strerror, err.path)
         if err is not None:

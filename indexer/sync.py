@@ -249,11 +249,13 @@ class Indexer:
         encoder = None
         with store.session() as s:
             if store.get_setting(s, "recipe") is None:
-                from .encoder import Encoder
+                if self.weights is not None:
+                    from .encoder import Encoder
 
-                # Load the model before the recipe is kept: bad weights must not
-                # leave a database bound to them.
-                encoder = Encoder(recipe, self.weights, device)
+                    # Load a weights file of the user's before the recipe is kept: bad
+                    # weights must not leave a database bound to them. (The packaged
+                    # weights are known good: their model is made while decoding starts.)
+                    encoder = Encoder(recipe, self.weights, device)
                 store.set_setting(s, "recipe", recipe.to_json())
                 s.commit()
         summary = Summary()
@@ -365,8 +367,8 @@ class Indexer:
             generation = store.generation(s)
 
         if to_embed:
-            generation = self._embed(store, encoder or self._encoder(recipe, device), to_embed,
-                                     by_path, hashes, index, summary, progress)
+            generation = self._embed(store, encoder or (lambda: self._encoder(recipe, device)),
+                                     recipe, to_embed, by_path, hashes, index, summary, progress)
         _save(store, index, generation)
         return summary
 
@@ -411,17 +413,19 @@ class Indexer:
 
         return Encoder(recipe, self.weights, device)
 
-    def _embed(self, store: Store, encoder, files: list[FileStat], by_path, hashes, index,
-               summary: Summary, progress: Progress | None) -> int:
+    def _embed(self, store: Store, encoder, recipe: Recipe, files: list[FileStat], by_path, hashes,
+               index, summary: Summary, progress: Progress | None) -> int:
+        """Embed ``files`` and commit them batch by batch; ``encoder`` may be a function that
+        makes the model (see embed_files)."""
         from .pipeline import embed_files
 
-        log.info("embedding %d files with %s", len(files), encoder.engine)
         done = 0
         if progress:
             progress(0, len(files))
         generation = store.generation()
-        for results in embed_files([f.path for f in files], encoder, batch_size=self.batch_size,
-                                   workers=min(self.workers, len(files)), max_pixels=self.max_pixels):
+        for results in embed_files([f.path for f in files], encoder, recipe=recipe,
+                                   batch_size=self.batch_size, workers=min(self.workers, len(files)),
+                                   max_pixels=self.max_pixels):
             with store.session() as s:
                 new_ids, new_vecs, replaced = [], [], []
                 for r in results:
@@ -440,7 +444,7 @@ class Indexer:
                     db_row = self._upsert(s, row, f, hashes[f.path], OK, None, vec.tobytes(),
                                           r.width, r.height)
                     s.flush()
-                    if encoder.recipe.has_local:  # in the row's transaction: both or neither
+                    if recipe.has_local:  # in the row's transaction: both or neither
                         store.set_local(s, db_row.id, r.local)
                     if row is not None:
                         replaced.append(db_row.id)
