@@ -29,11 +29,18 @@ DEFAULT_VERIFY = 100
 # Inliers from which a match counts as verified: fewer occur by chance between
 # different pictures (calibrated on pairs of unrelated images, bench/QUALITY.md).
 MIN_INLIERS = 15
-# A verified match ranks at least halfway from the shortlist's median similarity to 1
-# (the same picture) at MIN_INLIERS, and as 1 at CAP_INLIERS. Relative to the
-# shortlist, so that it means the same with or without centring, for any model.
-VERIFIED_FLOOR = 0.5
+# Verification closes a share of the gap between a result's global similarity and 1
+# (the same picture): SHARE_AT_MIN at MIN_INLIERS, growing to SHARE_AT_CAP at CAP_INLIERS.
+# Less than all of it, so that of two verified results the globally closer one (a
+# copy, beside another photo of the same building) keeps the lead; and the same
+# whatever the similarities' scale (with or without centring, any model), since the
+# rule commutes with any rescaling that keeps 1 in place.
+SHARE_AT_MIN = 0.6
+SHARE_AT_CAP = 0.85
 CAP_INLIERS = 60
+# The global matches of each turned view of the query (90, 180, 270 degrees) that are
+# verified besides the upright query's shortlist.
+TURNED_NOMINEES = 10
 # The mirrored query is matched against this many of the best global results that
 # the upright one did not verify: a mirrored copy looks the same to the global
 # descriptor, so it is near the top.
@@ -52,21 +59,18 @@ class Verified:
 
 
 def rank_scores(similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
-    """The scores a verified shortlist (in global order) is ranked by.
+    """The scores a verified shortlist is ranked by.
 
-    An unverified result keeps its global similarity; a verified one ranks as
-    what its inliers are worth, if that is higher. Verification never lowers a
-    result, so a strong global match that cannot be verified (a thumbnail too
-    small for keypoints) stays above weakly verified look-alikes.
+    An unverified result keeps its global similarity; a verified one moves
+    towards 1 by a share that grows with its inliers. Verification never lowers
+    a result, and few inliers do not lift a weak look-alike above a strong
+    global match that could not be verified (a thumbnail too small for keypoints).
     """
     s = np.asarray(similarities, np.float64)
     n = np.asarray(inliers, np.float64)
-    if not len(s):
-        return s
-    median = float(np.median(s))
-    share = VERIFIED_FLOOR + (1 - VERIFIED_FLOOR) * np.minimum(n, CAP_INLIERS) / CAP_INLIERS
-    worth = median + (1 - median) * share
-    return np.where(n >= MIN_INLIERS, np.maximum(s, worth), s)
+    share = SHARE_AT_MIN + (SHARE_AT_CAP - SHARE_AT_MIN) * (
+        np.clip(n, MIN_INLIERS, CAP_INLIERS) - MIN_INLIERS) / (CAP_INLIERS - MIN_INLIERS)
+    return np.where(n >= MIN_INLIERS, s + (1 - s) * share, s)
 
 
 def verify(query: local.Keypoints, candidates: Mapping[int, bytes],

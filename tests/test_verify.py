@@ -113,15 +113,19 @@ def test_query_cli_shows_inliers_and_json_gives_the_box(covers):
 
 def test_verification_never_pushes_a_strong_unverified_match_below_a_weak_verified_one():
     # A shortlist in global order: a near-copy that cannot be verified (a thumbnail without
-    # keypoints) keeps its place above look-alikes verified by a few inliers; a match verified
-    # by as many inliers as the same picture gives ranks first; nothing moves down.
+    # keypoints) keeps its place above verified results, even one with many inliers, which
+    # passes every middling similarity; a few inliers lift less; nothing moves down.
     similarity = np.array([0.95, 0.6, 0.5, 0.45, 0.4, 0.3, 0.2])
     inliers = np.array([0, 0, MIN_INLIERS - 1, 0, MIN_INLIERS, 0, 200])
     scores = rank_scores(similarity, inliers)
     order = list(np.argsort(-scores, kind="stable"))
-    assert order == [6, 0, 4, 1, 2, 3, 5]
+    assert order == [0, 6, 4, 1, 2, 3, 5]
     assert (scores >= similarity).all() and scores[2] == 0.5
-    # Relative to the shortlist: the same order when every similarity is raised (no centring).
+    # Of two verified results, the globally closer keeps the lead over one with more inliers:
+    # a mirrored copy matched by 20 inliers, and another photo of the same facade by 90.
+    copy, other = rank_scores(np.array([0.94, 0.83]), np.array([20, 90]))
+    assert copy > other
+    # The same order when the similarities are rescaled keeping 1 in place (no centring).
     assert list(np.argsort(-rank_scores(0.5 + similarity / 2, inliers), kind="stable")) == order
 
 
