@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VERIFY = 100
 # Inliers from which a match counts as verified: fewer occur by chance between
 # different pictures (calibrated on pairs of unrelated images, bench/QUALITY.md).
-MIN_INLIERS = 15
+MIN_INLIERS = 10
 # Verification closes a share of the gap between a result's global similarity and 1
 # (the same picture): SHARE_AT_MIN at MIN_INLIERS, growing to SHARE_AT_CAP at CAP_INLIERS.
 # Less than all of it, so that of two verified results the globally closer one (a
