@@ -84,7 +84,7 @@ def _extract(job):
     found, desc = det.detectAndCompute(gray, None)
     took = time.perf_counter() - start
     shape = gray.shape[:2]
-    if desc is None:
+    if desc is None or not found:
         return np.zeros((0, 3), np.float32), np.zeros((0, 128 if kind == "sift" else 32), np.uint8), took, shape
     xyr = np.array([(k.pt[0], k.pt[1], k.response) for k in found], np.float32)
     order = np.argsort(-xyr[:, 2], kind="stable")

@@ -127,7 +127,7 @@ def _cv2():
     while its descriptor is computed; the index decodes in several processes)."""
     import cv2
 
-    pass  # cv2.setNumThreads(1)
+    cv2.setNumThreads(1)
     return cv2
 
 
