@@ -10,7 +10,7 @@ every image as a query, the global top ``--depth`` (the product's Searcher, veri
 off); (2) extracts the keypoints of every image at each working size with OpenCV (SIFT,
 up to 2,000, and ORB), once, cached in ``--out``; (3) for each configuration, matches
 every query with its shortlist (ratio test, one-to-one), fits a MAGSAC homography (4 px)
-and counts inliers; (4) re-ranks the shortlist with search.verify.rank_scores and prints
+and counts inliers; (4) re-ranks the shortlist with search.verify.rank_order and prints
 mAP and precision@1, the bytes a configuration stores per keypoint, the extraction time
 and the matching time per pair. The query's descriptors are encoded like the stored
 ones here (the product keeps the query's unquantised), and the mirrored view is not
@@ -160,7 +160,7 @@ def run(data: dict, feats: dict, n: int, encoding: str, ratio: float, depth: int
         spent += time.perf_counter() - start
         pairs += len(cands)
         sims = np.minimum.accumulate(np.array([s for _, s in shortlist]))  # the global order
-        order = np.argsort(-verify.rank_scores(sims, np.array(inliers)), kind="stable")
+        order = verify.rank_order(sims, np.array(inliers))
         rel = np.array([group[shortlist[i][0]] == group[q] for i in order])
         hits = np.cumsum(rel)
         aps.append(float((hits[rel] / (np.flatnonzero(rel) + 1)).sum() / total))

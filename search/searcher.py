@@ -299,9 +299,8 @@ class Searcher:
         tail = [pair for pair in tail if pair[0].id not in found]
         head = [(replace(m, inliers=found[m.id].inliers, box=found[m.id].box) if m.id in found else m, rank)
                 for m, rank in head]
-        scores = verify.rank_scores([rank for _, rank in head], [m.inliers for m, _ in head])
-        order = np.argsort(-scores, kind="stable")  # ties keep the global order
-        return [(head[i][0], float(scores[i])) for i in order] + tail
+        order = verify.rank_order([rank for _, rank in head], [m.inliers for m, _ in head])
+        return [head[i] for i in order] + tail
 
     def _decode(self, query: Query, box: Box | None, local: bool = False):
         if isinstance(query, np.ndarray):

@@ -6,11 +6,12 @@ each candidate's (indexer.local), a homography is fitted with RANSAC, and a
 candidate with enough inliers is verified. The mirrored query is tried too,
 for candidates the upright one did not verify, so a mirrored copy is found.
 
-How verification and the global score combine (``rank_scores``) was chosen by
-measurement (bench/QUALITY.md): a verified image ranks as if its similarity
-were what its inliers are worth, if that is higher, and an unverified one keeps
-its place, so a strong global match that cannot be verified (a thumbnail too
-small for keypoints) is not pushed down by weakly verified look-alikes.
+How verification and the global score combine (``rank_order``) was chosen by
+measurement (bench/QUALITY.md): verified images are ordered by what their
+inliers and similarity are worth together, and an unverified one keeps its
+place against all but strongly verified ones, so a strong global match that
+cannot be verified (a thumbnail too small for keypoints) is not pushed down by
+weakly verified look-alikes.
 """
 from __future__ import annotations
 
@@ -29,15 +30,18 @@ DEFAULT_VERIFY = 100
 # Inliers from which a match counts as verified: fewer occur by chance between
 # different pictures (calibrated on pairs of unrelated images, bench/QUALITY.md).
 MIN_INLIERS = 10
-# Verification closes a share of the gap between a result's global similarity and 1
-# (the same picture): SHARE_AT_MIN at MIN_INLIERS, growing to SHARE_AT_CAP at CAP_INLIERS.
-# Less than all of it, so that of two verified results the globally closer one (a
-# copy, beside another photo of the same building) keeps the lead; and the same
-# whatever the similarities' scale (with or without centring, any model), since the
-# rule commutes with any rescaling that keeps 1 in place.
-SHARE_AT_MIN = 0.6
-SHARE_AT_CAP = 0.85
-CAP_INLIERS = 60
+# How verification and the global similarity s combine (measured in bench/QUALITY.md).
+# Among verified results, each is ranked as if its similarity were 1 - (1 - s) * gap,
+# where the gap left to 1 (the same picture) is GAP_AT_MIN at MIN_INLIERS and shrinks in
+# proportion to the inliers (4 % at 100): many inliers say "the same picture" more
+# surely than a global similarity does, so a turned copy with 400 inliers passes
+# another photo of the building with 30, and of two results with like counts the
+# globally closer leads. Against an unverified result, a verified one counts for at
+# most a gap of MIN_GAP_LEFT, so a strong global match that cannot be verified (a
+# thumbnail too small for keypoints) is not pushed down by weak look-alikes. Both rules
+# commute with any rescaling of the similarities that keeps 1 in place.
+GAP_AT_MIN = 0.4
+MIN_GAP_LEFT = 0.15
 # The global matches of each turned view of the query (90, 180, 270 degrees) that are
 # verified besides the upright query's shortlist.
 TURNED_NOMINEES = 10
@@ -58,19 +62,30 @@ class Verified:
     mirrored: bool
 
 
-def rank_scores(similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
-    """The scores a verified shortlist is ranked by.
+def rank_order(similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+    """The order (indices, best first) of a verified shortlist given in global order.
 
-    An unverified result keeps its global similarity; a verified one moves
-    towards 1 by a share that grows with its inliers. Verification never lowers
-    a result, and few inliers do not lift a weak look-alike above a strong
-    global match that could not be verified (a thumbnail too small for keypoints).
+    Verified results (MIN_INLIERS or more) are ordered among themselves by the
+    similarity their inliers are worth; each unverified one keeps its similarity
+    and passes a verified result that, against it, is worth less (the gap left
+    is at least MIN_GAP_LEFT). Verification never moves a result below an
+    unverified one it was above; ties keep the global order.
     """
     s = np.asarray(similarities, np.float64)
     n = np.asarray(inliers, np.float64)
-    share = SHARE_AT_MIN + (SHARE_AT_CAP - SHARE_AT_MIN) * (
-        np.clip(n, MIN_INLIERS, CAP_INLIERS) - MIN_INLIERS) / (CAP_INLIERS - MIN_INLIERS)
-    return np.where(n >= MIN_INLIERS, s + (1 - s) * share, s)
+    gap = GAP_AT_MIN * MIN_INLIERS / np.maximum(n, MIN_INLIERS)
+    verified = np.flatnonzero(n >= MIN_INLIERS)
+    verified = verified[np.argsort(-(1 - (1 - s[verified]) * gap[verified]), kind="stable")]
+    # Worth, against unverified results: never more than a verified result above it (so
+    # the verified order holds), never less than its own or a later one's similarity
+    # (so nothing is lowered).
+    capped = 1 - (1 - s[verified]) * np.maximum(gap[verified], MIN_GAP_LEFT)
+    worth = np.maximum(np.minimum.accumulate(capped), np.maximum.accumulate(s[verified][::-1])[::-1])
+    unverified = np.flatnonzero(n < MIN_INLIERS)
+    keys = np.concatenate([worth, s[unverified]])
+    within = np.concatenate([np.arange(len(verified)), np.arange(len(unverified))])
+    kind = np.r_[np.zeros(len(verified)), np.ones(len(unverified))]
+    return np.concatenate([verified, unverified])[np.lexsort((within, kind, -keys))]
 
 
 def verify(query: local.Keypoints, candidates: Mapping[int, bytes],

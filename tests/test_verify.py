@@ -16,7 +16,7 @@ from conftest import apply_homography, homography, make_photo, make_poster, phot
 from indexer import Indexer, RecipeMismatch, local
 from indexer.decode import open_image
 from search import Searcher
-from search.verify import MIN_INLIERS, rank_scores
+from search.verify import MIN_INLIERS, rank_order
 
 SIZE = 128  # the global descriptor's image size in these tests; local features keep their own
 
@@ -123,16 +123,24 @@ def test_verification_never_pushes_a_strong_unverified_match_below_a_weak_verifi
     # passes every middling similarity; a few inliers lift less; nothing moves down.
     similarity = np.array([0.95, 0.6, 0.5, 0.45, 0.4, 0.3, 0.2])
     inliers = np.array([0, 0, MIN_INLIERS - 1, 0, MIN_INLIERS, 0, 200])
-    scores = rank_scores(similarity, inliers)
-    order = list(np.argsort(-scores, kind="stable"))
+    order = list(rank_order(similarity, inliers))
     assert order == [0, 6, 4, 1, 2, 3, 5]
-    assert (scores >= similarity).all() and scores[2] == 0.5
-    # Of two verified results, the globally closer keeps the lead over one with more inliers:
-    # a mirrored copy matched by 20 inliers, and another photo of the same facade by 90.
-    copy, other = rank_scores(np.array([0.94, 0.83]), np.array([20, 90]))
-    assert copy > other
     # The same order when the similarities are rescaled keeping 1 in place (no centring).
-    assert list(np.argsort(-rank_scores(0.5 + similarity / 2, inliers), kind="stable")) == order
+    assert list(rank_order(0.5 + similarity / 2, inliers)) == order
+    # Nothing verified: the global order.
+    assert list(rank_order(similarity, np.zeros(7))) == list(range(7))
+
+
+def test_verified_results_are_ordered_by_inliers_and_similarity_together():
+    # A copy turned sideways (low global similarity, 430 inliers) passes another photo of
+    # the same building (30 inliers); of two like counts the globally closer leads.
+    assert list(rank_order(np.array([0.74, 0.43]), np.array([30, 430]))) == [1, 0]
+    assert list(rank_order(np.array([0.94, 0.83]), np.array([20, 25]))) == [0, 1]
+    # An unverified result is never lifted over a verified one it was below, even when a
+    # strongly verified result from further down leads them both.
+    assert list(rank_order(np.array([0.9, 0.89, 0.2]), np.array([MIN_INLIERS, 0, 400]))) == [2, 0, 1]
+    # And a weakly verified one does not pass it: 0.3 with 10 inliers is worth 0.72 < 0.89.
+    assert list(rank_order(np.array([0.89, 0.3]), np.array([0, MIN_INLIERS]))) == [0, 1]
 
 
 # -- local features --------------------------------------------------------
