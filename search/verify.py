@@ -69,7 +69,7 @@ def rank_order(similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
     similarity their inliers are worth; each unverified one keeps its similarity
     and passes a verified result that, against it, is worth less (the gap left
     is at least MIN_GAP_LEFT). Verification never moves a result below an
-    unverified one it was above; ties keep the global order.
+    unverified one it was above. On a tie the verified result leads.
     """
     s = np.asarray(similarities, np.float64)
     n = np.asarray(inliers, np.float64)
