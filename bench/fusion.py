@@ -87,15 +87,16 @@ def rules() -> dict:
 
 
 def score(shortlists: dict, rule, depth: int = SHORTLIST) -> tuple[float, float]:
+    from search.evaluate import average_precision, precision_at
+
     aps, firsts = [], []
     for q in shortlists.values():
         rows = np.array(q["shortlist"], float).reshape(-1, 3)
         s, n, rel = rows[:, 0], rows[:, 1].copy(), rows[:, 2].astype(bool)
         n[depth:SHORTLIST] = 0  # the turned views' nominees, after the shortlist, are verified at any K
         rel = rel[rule(s, n)]
-        hits = np.cumsum(rel)
-        aps.append(float((hits[rel] / (np.flatnonzero(rel) + 1)).sum() / max(q["relevant"], 1)))
-        firsts.append(float(rel[0]) if len(rel) else 0.0)
+        aps.append(average_precision(rel, q["relevant"]))
+        firsts.append(precision_at(rel, 1))
     return float(np.mean(aps)), float(np.mean(firsts))
 
 

@@ -128,6 +128,7 @@ def normalised(x: np.ndarray) -> np.ndarray:
 def run(data: dict, feats: dict, n: int, encoding: str, ratio: float, depth: int):
     from indexer import local
     from search import verify
+    from search.evaluate import average_precision, precision_at
 
     cache = {}
 
@@ -162,9 +163,8 @@ def run(data: dict, feats: dict, n: int, encoding: str, ratio: float, depth: int
         sims = np.minimum.accumulate(np.array([s for _, s in shortlist]))  # the global order
         order = verify.rank_order(sims, np.array(inliers))
         rel = np.array([group[shortlist[i][0]] == group[q] for i in order])
-        hits = np.cumsum(rel)
-        aps.append(float((hits[rel] / (np.flatnonzero(rel) + 1)).sum() / total))
-        p1.append(float(rel[0]) if len(rel) else 0.0)
+        aps.append(average_precision(rel, total))
+        p1.append(precision_at(rel, 1))
     return float(np.mean(aps)), float(np.mean(p1)), 1000 * spent / max(pairs, 1)
 
 
@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=100, help="shortlist verified [100]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    from search.evaluate import average_precision
+
     data = shortlists(args.set, args.out, args.depth)
     name = args.set.name
     paths = sorted(data["group"])
@@ -183,8 +185,7 @@ def main() -> None:
         total = sum(1 for p in data["group"] if data["group"][p] == data["group"][q]) - 1
         rel = np.array([data["group"][p] == data["group"][q] for p, _ in shortlist])
         if total:
-            hits = np.cumsum(rel)
-            base.append(float((hits[rel] / (np.flatnonzero(rel) + 1)).sum() / total))
+            base.append(average_precision(rel, total))
     print(f"{name}: {len(data['lists'])} queries, global top {args.depth}: mAP {np.mean(base):.3f} "
           "(ranks beyond the shortlist count as misses)")
     print("| detector | size | keypoints | encoding | ratio | bytes/keypoint | extract ms | mAP | P@1 | ms/pair |")
