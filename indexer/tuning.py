@@ -1,0 +1,97 @@
+"""Adapt a database's descriptors to a labelled collection (``Indexer.tune``).
+
+A labelled set (indexer.groundtruth: ``path,group``) says which pictures show
+the same thing. ``whiten`` learns a projection from its matching pairs
+(indexer.whitening.learn_from_groups) and stores it as the database's
+whitening: nothing is embedded again, every stored vector and every query
+goes through it, and ``lookalike whiten --kind center`` undoes it.
+
+The labelled images need not be in the database: those that are lend their
+stored descriptors, the others are embedded with the database's recipe and
+not added (a training set is not part of the collection searched).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .groundtruth import Entry
+from .recipe import Recipe
+from .scan import display_path
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+METHODS = ("whiten",)
+DEFAULT_METHOD = "whiten"
+
+
+@dataclass
+class Tuned:
+    """What a tuning run learned, and from what."""
+
+    method: str
+    images: int  # labelled images learned from
+    groups: int
+    pairs: int
+    embedded: int  # of them, embedded for the occasion (the rest were in the database)
+    description: str  # of the result, as ``info`` shows it
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        failed = f", {len(self.failures)} unreadable" if self.failures else ""
+        return (f"tuned ({self.method}) in {self.seconds:.1f}s, {self.embedded} of the labelled images "
+                f"embedded{failed}; whitening {self.description}")
+
+
+def stored_descriptors(store: Store, paths: list[str]) -> dict[str, np.ndarray]:
+    """Raw descriptors of those ``paths`` that the database holds, by path."""
+    ids = {}
+    for p in paths:
+        i = store.id_of(p)
+        if i is not None:
+            ids[i] = p
+    out: dict[str, np.ndarray] = {}
+    if not ids:
+        return out
+    for chunk_ids, vecs in store.embeddings():
+        for i, v in zip(chunk_ids, vecs):
+            p = ids.get(int(i))
+            if p is not None:
+                out[p] = v
+    return out
+
+
+def labelled_descriptors(store: Store, recipe: Recipe, entries: list[Entry], make_encoder, *,
+                         batch_size: int, workers: int, max_pixels: int
+                         ) -> tuple[np.ndarray, list[str], int, list[tuple[str, str]]]:
+    """(descriptors, groups, embedded, failures) of the labelled ``entries``.
+
+    Stored descriptors are reused; the other images are embedded with
+    ``recipe`` (without local features, which tuning does not use). A file
+    that cannot be read is left out and reported, the run goes on.
+    """
+    from .pipeline import embed_files
+
+    paths = [e.path for e in entries]
+    found = stored_descriptors(store, paths)
+    rest = [p for p in dict.fromkeys(paths) if p not in found]
+    failures: list[tuple[str, str]] = []
+    if rest:
+        global_only = replace(recipe, local_features="none", local_size=0, local_keypoints=0, local_codec="")
+        log.info("embedding %d labelled images that the database does not hold", len(rest))
+        for results in embed_files(rest, lambda: make_encoder(global_only), recipe=global_only,
+                                   batch_size=batch_size, workers=min(workers, len(rest)),
+                                   max_pixels=max_pixels):
+            for r in results:
+                if r.vector is None:
+                    log.warning("%s: left out of tuning: %s", display_path(rest[r.index]), r.error)
+                    failures.append((rest[r.index], r.error or "unreadable"))
+                else:
+                    found[rest[r.index]] = r.vector
+    kept = [e for e in entries if e.path in found]
+    vecs = np.stack([found[e.path] for e in kept]) if kept else np.zeros((0, recipe.dim), np.float32)
+    return vecs, [e.group for e in kept], len(rest) - len(failures), failures
