@@ -1,6 +1,7 @@
 """Shared fixtures: tiny seeded images made in tmp_path, and a shared ONNX cache."""
 from __future__ import annotations
 
+import csv
 import os
 import struct
 import tempfile
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 # One ONNX export for the whole session, kept out of the user's cache.
 os.environ.setdefault("LOOKALIKE_CACHE", tempfile.mkdtemp(prefix="lookalike-test-cache-"))
@@ -40,6 +41,30 @@ def save_photo(path: Path, seed: int, size=(96, 64), **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     make_photo(seed, size).save(path, **kw)
     return path
+
+
+def views(seed: int) -> list[Image.Image]:
+    """Three pictures of one thing: as made, cropped and brightened, mirrored and recoloured."""
+    img = make_photo(seed, (96, 64))
+    crop = ImageEnhance.Brightness(img.crop((8, 6, 90, 60)).resize((96, 64))).enhance(1.3)
+    mirrored = ImageEnhance.Color(ImageOps.mirror(img)).enhance(0.5)
+    return [img, crop, mirrored]
+
+
+def labelled_set(root: Path, groups: int = 8, first_seed: int = 700) -> Path:
+    """A folder of ``groups`` x 3 views with its groundtruth.csv (``groups`` x 3 matching pairs)."""
+    rows = []
+    for g in range(groups):
+        for v, img in enumerate(views(first_seed + g)):
+            rel = f"g{g}/v{v}.jpg"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(root / rel, quality=92)
+            rows.append((rel, f"thing{g}"))
+    with open(root / "groundtruth.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "group"])
+        w.writerows(rows)
+    return root
 
 
 @pytest.fixture

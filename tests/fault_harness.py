@@ -516,6 +516,7 @@ class Harness:
         self.cache = cache or os.environ.get("LOOKALIKE_CACHE")
         self.refs = References(self.library, image_size, self.work / "scratch")
         self.images = images
+        self.labelled: Path | None = None  # the labelled set of "tune" runs
         self._dbs = 0
         self.db = self.fresh_db()
         self._runs = 0
@@ -541,6 +542,9 @@ class Harness:
 
     # -- runs --------------------------------------------------------------------------
     def command(self, spec: dict, extra: list[str] = (), verb: str = "index") -> list[str]:
+        if verb == "tune":  # self.labelled: a folder with groundtruth.csv
+            return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "tune",
+                    str(self.labelled), "--db", str(self.db), "--workers", str(self.workers), *extra]
         if verb == "repair":
             return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "check",
                     "--db", str(self.db), "--repair", *extra]
@@ -551,7 +555,8 @@ class Harness:
 
     def run(self, spec: dict | None = None, kill_after: float | None = None,
             cache: str | None = None, timeout: float = 300, verb: str = "index") -> Run:
-        """Run the child once (``verb`` "index", or "repair": ``check --repair``); ``kill_after``
+        """Run the child once (``verb`` "index", "repair": ``check --repair``, or "tune":
+        ``tune self.labelled``); ``kill_after``
         seconds after its 'main' event, SIGKILL it."""
         self._runs += 1
         trace = self.work / "traces" / f"run{self._runs}.txt"

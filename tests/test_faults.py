@@ -12,6 +12,7 @@ Run with -v to see the table of trials.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from fault_harness import EVENTS, TABLE_HEAD, Harness, Outcome, kill, limit, timed
 
@@ -153,5 +154,58 @@ def test_repair_of_local_features_killed_midway(tmp_path):
     assert fixed.rc == 0, fixed.stderr
     assert "3 problems, all fixed" in fixed.stdout, fixed.stdout
     out = Outcome("after the repair", "none")
+    h.check_complete(out, h.run())
+    assert out.survived, out.row()
+
+
+def _whitening(db) -> str | None:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        row = con.execute("select value from settings where key = 'whitening'").fetchone()
+    return row[0] if row else None
+
+
+def test_tuning_killed_at_each_of_its_writes_loses_nothing(tmp_path):
+    """``lookalike tune`` embeds the labelled images, then stores the learned whitening in one
+    commit: killed at any moment, the images are as they were and the whitening is the old one
+    or the new one, whole; the next tune finishes, and check and an index run find all in order."""
+    from click.testing import CliRunner
+
+    from cli import main
+    from conftest import labelled_set
+    from indexer.whitening import Whitening
+
+    h = Harness(tmp_path, seed=SEED + 6, images=10)
+    assert h.baseline().survived
+    h.labelled = labelled_set(tmp_path / "labelled")
+    rows, *_ = h.read_db()
+    old = _whitening(h.db)
+    probe = h.run(verb="tune")  # a clean tune tells which moments it has
+    assert probe.rc == 0, probe.stderr
+    learned = Whitening.from_json(_whitening(h.db))
+    assert learned.kind == "learned" and old != _whitening(h.db)
+
+    def intact(text: str | None) -> bool:
+        """The whitening before the run, or the one it learns (each run stamps its own time)."""
+        if text == old:
+            return True
+        w = Whitening.from_json(text)
+        return np.array_equal(w.projection, learned.projection) and np.array_equal(w.mean, learned.mean)
+
+    points = [(e, n) for e in ("batch", "commit", "committed", "replace:meta", "replaced:meta", "close")
+              for n in range(1, probe.events.get(e, 0) + 1)]
+    assert {e for e, _ in points} >= {"batch", "commit", "committed", "replace:meta", "close"}, probe.events
+    for event, n in points:
+        killed = h.run({"kill": {"at": event, "n": n, "how": "now"}}, verb="tune")
+        assert killed.killed, (event, n, killed.stderr)
+        now, _, _, problems = h.read_db()
+        assert not problems and now == rows, (event, n)
+        assert intact(_whitening(h.db)), (event, n)
+        finished = h.run(verb="tune")
+        assert finished.rc == 0, (event, n, finished.stderr)
+        result = CliRunner().invoke(main, ["check", "--db", str(h.db)])
+        assert result.exit_code == 0, (event, n, result.output)
+    out = Outcome("after tuning killed", "kill")
     h.check_complete(out, h.run())
     assert out.survived, out.row()

@@ -1,0 +1,112 @@
+"""Tuning measured as a user would: `lookalike evaluate HALF_B --tune-on HALF_A`.
+
+Each shared set is split by group (seeded): half A's images and half B's are
+hard-linked into two folders, each with its own groundtruth.csv. Then B is
+evaluated untuned and tuned on A, whose groups it never saw; and whole sets
+are evaluated tuned on another kind of data (does tuning on covers hurt
+corel1k?). The tuning's own time and peak memory come from `lookalike tune`
+run as a separate process.
+
+    python bench/tune_eval.py DATASETS OUT [--verify] [--method whiten]
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from search.evaluate import evaluate, read_groundtruth  # noqa: E402
+
+SPLIT_SETS = ("covers50", "paris250", "corel1k", "flowers12")
+CROSS = (("covers50", "corel1k"), ("covers50", "paris250"), ("covers50", "copies"),
+         ("paris250", "covers50"), ("corel1k", "covers50"))
+
+
+def halves(root: Path, out: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Folders A and B of hard links to ``root``'s images, split by group, each with its CSV."""
+    entries = read_groundtruth(root / "groundtruth.csv", root)
+    groups = sorted({e.group for e in entries})
+    rng = np.random.default_rng(seed)
+    first = set(rng.permutation(groups)[: len(groups) // 2])
+    folders = (out / f"{root.name}-A", out / f"{root.name}-B")
+    for half, folder in zip((True, False), folders):
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "groundtruth.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "group"])
+            for e in entries:
+                if (e.group in first) == half:
+                    rel = os.path.relpath(e.path, root)
+                    dst = folder / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if not dst.exists():
+                        os.link(e.path, dst)
+                    w.writerow([rel, e.group])
+    return folders
+
+
+def tune_cost(labelled: Path, workdir: Path, method: str) -> tuple[float, float]:
+    """(seconds, peak resident MB) of `lookalike tune` into a new database, a process of its own."""
+    cli = Path(sys.executable).with_name("lookalike")
+    out = subprocess.run(["/usr/bin/time", "-f", "peak %M", str(cli), "tune", str(labelled),
+                          "--db", str(workdir / f"cost-{labelled.name}-{method}.db"), "--method", method,
+                          "--local-features", "none"], capture_output=True, text=True, check=True)
+    seconds = float(out.stderr.split("tuned (")[1].split(" in ")[1].split("s")[0])
+    peak_kb = int(out.stderr.rsplit("peak ", 1)[1].split()[0])
+    return seconds, peak_kb / 1024
+
+
+def score(dataset: Path, verify: int, tune_on: Path | None = None) -> dict:
+    e = evaluate(dataset, tune_on=tune_on, verify=verify,
+                 local_features=None if verify else "none")
+    return {"map": e.map, "p1": e.precision_at_1, "queries": e.queries, "tuning": e.tuning}
+
+
+def main(datasets: str, out: str, verify: bool = False, method: str = "whiten") -> None:
+    datasets, out = Path(datasets), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    depth = None if verify else 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tune-eval-") as tmp:
+        print(f"## held-out half (verify {'default' if verify else 0}, method {method})")
+        print("| set | labelled images (A) | queries (B) | untuned mAP | tuned mAP | gain | untuned P@1 | "
+              "tuned P@1 | tuning time | tuning peak memory |")
+        for name in SPLIT_SETS:
+            a, b = halves(datasets / name, out)
+            base, tuned = score(b, depth), score(b, depth, tune_on=a)
+            seconds, peak = tune_cost(a, Path(tmp), method)
+            n_a = len(read_groundtruth(a / "groundtruth.csv", a))
+            rows.append({"set": name, "base": base, "tuned": tuned, "seconds": seconds, "peak_mb": peak})
+            print(f"| {name} | {n_a} | {base['queries']} | {base['map']:.3f} | {tuned['map']:.3f} | "
+                  f"{tuned['map'] - base['map']:+.3f} | {base['p1']:.3f} | {tuned['p1']:.3f} | "
+                  f"{seconds:.1f} s | {peak:.0f} MB |", flush=True)
+        print(f"\n## tuned on one whole set, measured on another (verify {'default' if verify else 0})")
+        print("| tuned on | measured on | untuned mAP | tuned mAP | gain |")
+        untuned: dict[str, dict] = {}
+        for src, dst in CROSS:
+            droot = datasets / dst if dst != "copies" else Path("/tmp/copies")
+            if not (droot / "groundtruth.csv").exists():
+                continue
+            if dst not in untuned:
+                untuned[dst] = score(droot, depth)
+            tuned = score(droot, depth, tune_on=datasets / src)
+            rows.append({"tuned_on": src, "set": dst, "base": untuned[dst], "tuned": tuned})
+            print(f"| {src} | {dst} | {untuned[dst]['map']:.3f} | {tuned['map']:.3f} | "
+                  f"{tuned['map'] - untuned[dst]['map']:+.3f} |", flush=True)
+    (out / f"tune_eval-{method}-verify{int(verify)}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    method = sys.argv[sys.argv.index("--method") + 1] if "--method" in sys.argv else "whiten"
+    if method in args:
+        args.remove(method)
+    main(*args[:2], verify="--verify" in sys.argv, method=method)
