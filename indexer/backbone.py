@@ -136,8 +136,29 @@ def default_weights_file(model: str) -> Path:
     return cached
 
 
-def resolve_weights(model: str, weights: str | os.PathLike | None = None) -> tuple[Path, str]:
-    """The weights file for ``model`` (given or default) and its sha256."""
+def weights_dir() -> Path:
+    """Where fine-tuned weights are kept ($LOOKALIKE_WEIGHTS or the user data dir's lookalike/weights)."""
+    env = os.environ.get("LOOKALIKE_WEIGHTS")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("lookalike")) / "weights"
+
+
+def tuned_weights_file(model: str, sha256: str) -> Path:
+    """The file fine-tuned weights of ``model`` with this checksum are kept in."""
+    return weights_dir() / f"{get_spec(model).name}-tuned-{sha256[:16]}.pth"
+
+
+def resolve_weights(model: str, weights: str | os.PathLike | None = None,
+                    sha256: str | None = None) -> tuple[Path, str]:
+    """The weights file for ``model`` and its sha256: ``weights`` if given, else the fine-tuned
+    file named by ``sha256`` (a recipe's) when there is one, else the default."""
+    if not weights and sha256:
+        tuned = tuned_weights_file(model, sha256)
+        if tuned.is_file():
+            return tuned, file_sha256(tuned)
     path = Path(weights).expanduser() if weights else default_weights_file(model)
     if not path.is_file():
         raise BackboneError(f"{path}: weights file not found")

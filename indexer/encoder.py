@@ -60,9 +60,9 @@ class Encoder:
 
     def __init__(self, recipe: Recipe, weights_file: str | os.PathLike | None = None,
                  device: str = "cpu", engine: str = "auto"):
-        path, sha = resolve_weights(recipe.model, weights_file)
+        path, sha = resolve_weights(recipe.model, weights_file, recipe.weights_sha256)
         if sha != recipe.weights_sha256:
-            raise_mismatch(recipe, sha)
+            raise_mismatch(recipe, sha, given=weights_file is not None)
         self.recipe, self.device = recipe, device
         self._lock = threading.Lock()
         self._session = None
@@ -137,12 +137,14 @@ def _rescale(pixels: np.ndarray, scale: float) -> np.ndarray:
                                                           reducing_gap=3.0)) for p in pixels])
 
 
-def raise_mismatch(recipe: Recipe, sha: str) -> None:
+def raise_mismatch(recipe: Recipe, sha: str, given: bool = True) -> None:
+    from .backbone import tuned_weights_file
     from .recipe import RecipeMismatch
 
+    tuned = "" if given else f", and {tuned_weights_file(recipe.model, recipe.weights_sha256)} is not there"
     raise RecipeMismatch(
         f"the {recipe.model} weights found here (sha256 {sha[:12]}) are not the ones the index "
-        f"was built with ({recipe.weights_sha256[:12]}); pass the original file with --weights"
+        f"was built with ({recipe.weights_sha256[:12]}){tuned}; pass the original file with --weights"
     )
 
 

@@ -65,7 +65,7 @@ def _lite(name: str, state: dict[str, torch.Tensor], path: Path) -> dict[str, nn
             raise BackboneError(f"{path}: not an {pretty} state dict")
         state = dict(zip(target, state.values()))
     net.load_state_dict(state)
-    stages = {"stem": nn.Sequential(net.conv_stem, net.bn1)}
+    stages = {"stem": nn.Sequential(net.conv_stem, net.bn1), "": net}
     for i, block in enumerate(net.blocks, 1):
         stages[f"block{i}"] = block
     stages["head"] = nn.Sequential(net.conv_head, net.bn2)
@@ -81,7 +81,7 @@ def _resnet50(state: dict[str, torch.Tensor], path: Path) -> dict[str, nn.Module
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise BackboneError(f"{path}: not a ResNet-50 state dict ({first})") from None
-    stages = {"stem": nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)}
+    stages = {"stem": nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), "": net}
     for i in range(1, 5):
         stages[f"layer{i}"] = getattr(net, f"layer{i}")
     return stages
@@ -94,10 +94,20 @@ def build_trunk(model: str, layer: str | None, weights_file: Path) -> FeatureNet
     state = _read_state_dict(weights_file)
     named = (_resnet50(state, weights_file) if spec.name == "resnet50"
              else _lite(spec.name, state, weights_file))
+    whole = named.pop("")
     names = list(named)
     last = max(names.index(n) for n in wanted)
     stages = [named[n] for n in names[:last + 1]]
     net = FeatureNet(stages, [names.index(n) for n in wanted], spec.mean, spec.std).eval()
+    # Kept outside the module tree: the trunk shares its stages' parameters, and
+    # whole_state() saves them in the layout build_trunk reads.
+    net.__dict__["whole"] = whole
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+def whole_state(net: FeatureNet) -> dict[str, torch.Tensor]:
+    """The state dict of the whole network the trunk was cut from, with its current
+    (perhaps fine-tuned) parameters: a weights file that build_trunk reads."""
+    return {k: v.detach().cpu().clone() for k, v in net.__dict__["whole"].state_dict().items()}
