@@ -143,6 +143,24 @@ def _local_kinds() -> tuple[str, ...]:
     return KINDS
 
 
+def _learned_shrinkage() -> float:
+    from indexer.whitening import LEARNED_SHRINKAGE
+
+    return LEARNED_SHRINKAGE
+
+
+def _finetune_epochs() -> int:
+    from indexer.finetune import EPOCHS
+
+    return EPOCHS
+
+
+def _tuning_methods() -> tuple[str, ...]:
+    from indexer.tuning import METHODS
+
+    return METHODS
+
+
 def recipe_options(f):
     """The options that decide what a descriptor means, and the whitening (index, evaluate)."""
     f = click.option("--whiten", type=click.Choice(["auto", "center", "pca", "none"]), default="auto",
@@ -314,16 +332,19 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, ver
 @click.option("--tune-on", type=click.Path(exists=True),
               help="First tune the database on this other labelled set (a folder with groundtruth.csv, "
                    "or the CSV), whose groups must not be DATASET's: an honest measure of tuning.")
+@click.option("--tune-method", type=click.Choice(_tuning_methods()), default=_tuning_methods()[0],
+              show_default=True, help="How --tune-on tunes (see 'lookalike tune --help').")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
 def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
              local_features, keypoints, qe, dba, rotations, flip, verify, workers, device, by, tune_on,
-             as_json) -> None:
+             tune_method, as_json) -> None:
     """Index a labelled DATASET, query every image against the rest, print mAP, P@k, R@k and speed."""
     from search.evaluate import evaluate as run
 
     try:
         result = run(dataset, groundtruth, db=db, qe=qe, dba=dba, rotations=rotations, flip=flip,
-                     verify=verify, by=by, device=device, tune_on=tune_on, model=model, weights=weights,
+                     verify=verify, by=by, device=device, tune_on=tune_on, tune_method=tune_method,
+                     model=model, weights=weights,
                      layer=layer, pooling=pooling, gem_p=gem_p, image_size=image_size, scales=scales,
                      whiten=whiten, local_features=local_features, keypoints=keypoints,
                      workers=workers)
@@ -336,16 +357,9 @@ def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, im
             click.echo(line)
 
 
-def _learned_shrinkage() -> float:
-    from indexer.whitening import LEARNED_SHRINKAGE
-
-    return LEARNED_SHRINKAGE
-
-
-def _tuning_methods() -> tuple[str, ...]:
-    from indexer.tuning import METHODS
-
-    return METHODS
+def _training_progress(step: int, steps: int, loss: float) -> None:
+    if step == steps or step % max(1, steps // 20) == 0:
+        click.echo(f"lookalike: fine-tuning: step {step}/{steps}, loss {loss:.4f}", err=True)
 
 
 @main.command()
@@ -355,7 +369,9 @@ def _tuning_methods() -> tuple[str, ...]:
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 @click.option("--method", type=click.Choice(_tuning_methods()), default=_tuning_methods()[0], show_default=True,
               help="whiten: a projection learned from the labelled pairs, applied to every stored "
-                   "vector and query (nothing embedded again).")
+                   "vector and query (nothing embedded again); finetune: train the network and GeM's p "
+                   "on the labelled pairs (minutes on a CPU for a few hundred images; a new database).")
+@click.option("--epochs", type=click.IntRange(min=1), help=f"For finetune [default: {_finetune_epochs()}].")
 @click.option("--dim", type=click.IntRange(min=1),
               help="For whiten: output dimensions [default: the descriptor's, 1280 for the default model].")
 @click.option("--shrinkage", type=click.FloatRange(0.0, 1.0),
@@ -365,7 +381,7 @@ def _tuning_methods() -> tuple[str, ...]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def tune(labelled, groundtruth, db, method, dim, shrinkage, model, weights, layer, pooling, gem_p,
+def tune(labelled, groundtruth, db, method, epochs, dim, shrinkage, model, weights, layer, pooling, gem_p,
          image_size, scales, local_features, keypoints, batch_size, workers, device) -> None:
     """Learn from a LABELLED set (images grouped by what they show) to search the database better.
 
@@ -382,7 +398,7 @@ def tune(labelled, groundtruth, db, method, dim, shrinkage, model, weights, laye
                         image_size=image_size, scales=scales, local_features=local_features,
                         keypoints=keypoints, device=device, batch_size=batch_size,
                         workers=workers).tune(labelled, groundtruth, method=method, dim=dim,
-                                              shrinkage=shrinkage)
+                                              shrinkage=shrinkage, epochs=epochs, progress=_training_progress)
     except _user_errors() as exc:
         raise _fail(exc) from None
     for path, reason in tuned.failures:

@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import delete, select, text
 
 from . import local, vectors
+from .decode import DEFAULT_MAX_PIXELS
 from .recipe import Recipe
 from .scan import display_path, file_sha256
 from .store import (FAILED, OK, ImageRow, LocalRow, Store, StoreError, default_db_path, lock_holder, now,
@@ -140,6 +141,7 @@ class _Checker:
     def run(self, repair: bool) -> Report:
         if not self._integrity():
             return self.report
+        self._pending_retune(repair)
         self.recipe = self.store.recipe()
         if self.recipe is None:
             self.problem("recipe", "the database holds no recipe: nothing was ever indexed",
@@ -152,6 +154,21 @@ class _Checker:
         if repair:
             self._repair(rows)
         return self.report
+
+    def _pending_retune(self, repair: bool) -> None:
+        """A move to fine-tuned weights that a killed run left unfinished; --repair finishes it."""
+        from . import retune
+        from .encoder import Encoder
+        from .sync import default_workers
+
+        if retune.pending(self.store) is None:
+            return
+        p = self.problem("recipe", "a move to fine-tuned weights is unfinished (a run was stopped); "
+                         "'lookalike index' or 'check --repair' finishes it")
+        if repair:
+            retune.finish(self.store, lambda r: Encoder(r, self.weights, self.device), batch_size=32,
+                          workers=default_workers(), max_pixels=DEFAULT_MAX_PIXELS)
+            p.fixed = True
 
     # -- the checks, in order ---------------------------------------------
     def _integrity(self) -> bool:

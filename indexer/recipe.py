@@ -6,7 +6,7 @@ comparable, so a mismatch is refused rather than silently mixed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 
 class RecipeMismatch(Exception):
@@ -37,6 +37,10 @@ class Recipe:
     @property
     def has_local(self) -> bool:
         return self.local_features != "none"
+
+    def global_only(self) -> "Recipe":
+        """This recipe without local features: what a descriptor alone needs decoded."""
+        return replace(self, local_features="none", local_size=0, local_keypoints=0, local_codec="")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

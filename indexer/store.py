@@ -60,6 +60,18 @@ class LocalRow(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
 
 
+class RetunedRow(Base):
+    """An image's descriptor under a fine-tuned recipe that is not the database's yet
+    (indexer.retune): all of them replace the embeddings in one commit."""
+
+    __tablename__ = "retuned"
+
+    image_id: Mapped[int] = mapped_column(Integer, ForeignKey("images.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)  # of the content embedded
+    embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
 class Setting(Base):
     __tablename__ = "settings"
 

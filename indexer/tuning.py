@@ -24,7 +24,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-METHODS = ("whiten",)
+METHODS = ("whiten", "finetune")
 DEFAULT_METHOD = "whiten"
 
 
@@ -40,11 +40,19 @@ class Tuned:
     description: str  # of the result, as ``info`` shows it
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    # finetune: indexed images embedded again under the tuned weights, and those that failed
+    reembedded: int = 0
+    reembed_failures: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
         failed = f", {len(self.failures)} unreadable" if self.failures else ""
+        what = "whitening " if self.method == "whiten" else ""
+        again = ""
+        if self.reembedded or self.reembed_failures:
+            again = (f", {self.reembedded} indexed images embedded again"
+                     + (f" ({len(self.reembed_failures)} failed)" if self.reembed_failures else ""))
         return (f"tuned ({self.method}) in {self.seconds:.1f}s, {self.embedded} of the labelled images "
-                f"embedded{failed}; whitening {self.description}")
+                f"embedded{failed}{again}; {what}{self.description}")
 
 
 def stored_descriptors(store: Store, paths: list[str]) -> dict[str, np.ndarray]:
@@ -67,8 +75,8 @@ def stored_descriptors(store: Store, paths: list[str]) -> dict[str, np.ndarray]:
 
 def labelled_descriptors(store: Store, recipe: Recipe, entries: list[Entry], make_encoder, *,
                          batch_size: int, workers: int, max_pixels: int
-                         ) -> tuple[np.ndarray, list[str], int, list[tuple[str, str]]]:
-    """(descriptors, groups, embedded, failures) of the labelled ``entries``.
+                         ) -> tuple[np.ndarray, list[Entry], int, list[tuple[str, str]]]:
+    """(descriptors, the entries they are of, embedded, failures) of the labelled ``entries``.
 
     Stored descriptors are reused; the other images are embedded with
     ``recipe`` (without local features, which tuning does not use). A file
@@ -81,7 +89,7 @@ def labelled_descriptors(store: Store, recipe: Recipe, entries: list[Entry], mak
     rest = [p for p in dict.fromkeys(paths) if p not in found]
     failures: list[tuple[str, str]] = []
     if rest:
-        global_only = replace(recipe, local_features="none", local_size=0, local_keypoints=0, local_codec="")
+        global_only = recipe.global_only()
         log.info("embedding %d labelled images that the database does not hold", len(rest))
         for results in embed_files(rest, lambda: make_encoder(global_only), recipe=global_only,
                                    batch_size=batch_size, workers=min(workers, len(rest)),
@@ -94,4 +102,32 @@ def labelled_descriptors(store: Store, recipe: Recipe, entries: list[Entry], mak
                     found[rest[r.index]] = r.vector
     kept = [e for e in entries if e.path in found]
     vecs = np.stack([found[e.path] for e in kept]) if kept else np.zeros((0, recipe.dim), np.float32)
-    return vecs, [e.group for e in kept], len(rest) - len(failures), failures
+    return vecs, kept, len(rest) - len(failures), failures
+
+
+def finetune_recipe(recipe: Recipe, kept: list[Entry], vecs: np.ndarray, weights, device: str,
+                    epochs: int | None, max_pixels: int, progress) -> tuple[Recipe, Tuned]:
+    """Fine-tune ``recipe``'s network on the labelled images ``kept`` (``vecs``: their current
+    descriptors); the recipe that names the saved weights, and what was done."""
+    from . import finetune
+    from .backbone import resolve_weights
+    from .network import build_trunk
+    from .whitening import pair_count
+
+    finetune.check_trainable(recipe, [e.group for e in kept])
+    pictures, failures = finetune.pictures([e.path for e in kept], max_pixels)
+    ok = [i for i, px in enumerate(pictures) if px is not None]
+    groups = [kept[i].group for i in ok]
+    path, _ = resolve_weights(recipe.model, weights, recipe.weights_sha256)
+    trained = finetune.train(build_trunk(recipe.model, recipe.layer, path), recipe.gem_p,
+                             [pictures[i] for i in ok], groups, vecs[ok],
+                             epochs=finetune.EPOCHS if epochs is None else epochs,
+                             learning_rate=finetune.LEARNING_RATE,
+                             device=device, progress=progress)
+    saved, sha = finetune.save(trained.state, recipe.model)
+    tuned_recipe = replace(recipe, weights_sha256=sha, gem_p=trained.gem_p)
+    losses = ", ".join(f"{x:.4f}" for x in trained.losses)
+    return tuned_recipe, Tuned(
+        "finetune", len(ok), len(set(groups)), pair_count(groups), 0,
+        f"{recipe.model} fine-tuned for {trained.epochs} epochs (loss by epoch {losses}), GeM p "
+        f"{trained.gem_p:g}, saved as {saved}", failures)

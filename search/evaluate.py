@@ -122,6 +122,7 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
              db: str | os.PathLike | None = None, qe: int | None = None, dba: int = 0,
              rotations: bool = False, flip: bool = False, verify: int | None = None,
              by: str | None = None, device: str = "auto", tune_on: str | os.PathLike | None = None,
+             tune_method: str = "whiten",
              progress: Callable[[int, int], None] | None = None,
              **index_options) -> Evaluation:
     """Index ``dataset`` (into ``db``, or a temporary database) and score every query.
@@ -132,7 +133,8 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
     Images listed but not indexed (a file that failed) still count as relevant
     items never found. ``by`` names a ground-truth column: the queries are
     also scored for each of its values. ``tune_on`` (another labelled set,
-    whose groups must not be this one's) tunes the database before indexing.
+    whose groups must not be this one's) tunes the database by ``tune_method``
+    before indexing.
     """
     from indexer import DecodeError, Indexer
 
@@ -147,7 +149,8 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
         db_path = Path(db) if db else Path(tmp) / "evaluate.db"
         indexer = Indexer(db_path, device=device, **index_options)
-        tuned = _tune(indexer, tune_on, entries, index_options.get("whiten")) if tune_on else None
+        tuned = (_tune(indexer, tune_on, tune_method, entries, index_options.get("whiten"))
+                 if tune_on else None)
         summary = indexer.index([root], progress=progress)
         embedded_per_s = summary.embedded / summary.seconds if summary.embedded else None
         with Searcher(db_path, device=device, dba=dba, weights=index_options.get("weights")) as s:
@@ -204,16 +207,16 @@ def evaluate(dataset: str | os.PathLike, groundtruth: str | os.PathLike | None =
     )
 
 
-def _tune(indexer, tune_on, entries: list[Entry], whiten: str | None):
+def _tune(indexer, tune_on, method: str, entries: list[Entry], whiten: str | None):
     """Tune ``indexer``'s database on ``tune_on``, refusing a set that shares images with the one measured."""
-    if whiten not in (None, "auto"):
+    if whiten not in (None, "auto") and method == "whiten":
         raise ValueError(f"--tune-on learns the whitening: leave --whiten at auto (not {whiten})")
     learned = read_groundtruth(*labelled_set(tune_on))
     shared = {e.path for e in learned} & {e.path for e in entries}
     if shared:
         raise GroundTruthError(f"{tune_on}: {len(shared)} of its images are in the set measured "
                                f"(for example {sorted(shared)[0]}); tune on other images")
-    return indexer.tune(tune_on)
+    return indexer.tune(tune_on, method=method)
 
 
 def _by(queries: list[Entry], aps: list[float], p1: list[float], column: str) -> dict:
