@@ -14,6 +14,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 # One ONNX export for the whole session, kept out of the user's cache.
 os.environ.setdefault("LOOKALIKE_CACHE", tempfile.mkdtemp(prefix="lookalike-test-cache-"))
+os.environ.setdefault("LOOKALIKE_WEIGHTS", tempfile.mkdtemp(prefix="lookalike-test-weights-"))
 os.environ.pop("LOOKALIKE_DB", None)
 
 

@@ -554,7 +554,8 @@ class Harness:
                 *extra]
 
     def run(self, spec: dict | None = None, kill_after: float | None = None,
-            cache: str | None = None, timeout: float = 300, verb: str = "index") -> Run:
+            cache: str | None = None, timeout: float = 300, verb: str = "index",
+            extra: list[str] = ()) -> Run:
         """Run the child once (``verb`` "index", "repair": ``check --repair``, or "tune":
         ``tune self.labelled``); ``kill_after``
         seconds after its 'main' event, SIGKILL it."""
@@ -566,7 +567,7 @@ class Harness:
         if cache or self.cache:
             env["LOOKALIKE_CACHE"] = cache or self.cache
         # Pipes, not files: RLIMIT_FSIZE must not silence the child's stderr.
-        proc = subprocess.Popen(self.command(spec, verb=verb), cwd=REPO, env=env,
+        proc = subprocess.Popen(self.command(spec, extra, verb=verb), cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started = time.monotonic()
         if kill_after is not None:

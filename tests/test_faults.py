@@ -209,3 +209,51 @@ def test_tuning_killed_at_each_of_its_writes_loses_nothing(tmp_path):
     out = Outcome("after tuning killed", "kill")
     h.check_complete(out, h.run())
     assert out.survived, out.row()
+
+
+def test_finetuning_killed_leaves_the_old_descriptors_or_the_new_ones_whole(tmp_path):
+    """``tune --method finetune`` on a database that holds images embeds them all again beside
+    the old ones, then swaps in one commit: killed at any moment, the recipe and every
+    descriptor are all old or all new, and the next index run finishes the move."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cli import main
+    from conftest import labelled_set
+
+    h = Harness(tmp_path, seed=SEED + 8, images=8)
+    assert h.baseline().survived
+    h.labelled = labelled_set(tmp_path / "labelled")
+    pristine = tmp_path / "pristine"
+    shutil.copytree(h.db.parent, pristine)
+    rows, _, recipe, _ = h.read_db()
+
+    def restore() -> None:
+        shutil.rmtree(h.db.parent)
+        shutil.copytree(pristine, h.db.parent)
+
+    probe = h.run(verb="tune", extra=["--method", "finetune", "--epochs", "1"])
+    assert probe.rc == 0, probe.stderr
+    commits = probe.events["commit"]
+    points = [("batch", 1), ("batch", probe.events["batch"]), ("commit", 1), ("committed", 1),
+              ("commit", commits), ("committed", commits), ("replace:faiss", 1)]
+    moved_by_index = 0  # trials killed with the move under way, which the index run finished
+    for event, n in points:
+        restore()
+        killed = h.run({"kill": {"at": event, "n": n, "how": "now"}}, verb="tune",
+                       extra=["--method", "finetune", "--epochs", "1"])
+        assert killed.killed, (event, n, killed.stderr)
+        now, _, recipe_now, problems = h.read_db()
+        assert not problems, (event, n, problems)
+        if recipe_now == recipe:
+            assert now == rows, (event, n)
+        else:
+            assert all(now[i]["embedding"] != r["embedding"] and now[i]["local"] == r["local"]
+                       for i, r in rows.items() if r["status"] == "ok"), (event, n)
+        finished = h.run()  # an index run finishes what the killed tune began
+        assert finished.rc == 0, (event, n, finished.stderr)
+        result = CliRunner().invoke(main, ["check", "--db", str(h.db), "--all"])
+        assert result.exit_code == 0, (event, n, result.output)
+        moved_by_index += recipe_now == recipe != h.read_db()[2]
+    assert moved_by_index >= 2
