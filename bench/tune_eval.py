@@ -4,8 +4,8 @@ Each shared set is split by group (seeded): half A's images and half B's are
 hard-linked into two folders, each with its own groundtruth.csv. Then B is
 evaluated untuned and tuned on A, whose groups it never saw; and whole sets
 are evaluated tuned on another kind of data (does tuning on covers hurt
-corel1k?). The tuning's own time and peak memory come from `lookalike tune`
-run as a separate process.
+corel1k?). Each evaluation is a `lookalike evaluate` process of its own, timed
+by /usr/bin/time for its peak memory; the tuning's time is the one it reports.
 
     python bench/tune_eval.py DATASETS OUT [--verify] [--method whiten]
 """
@@ -16,14 +16,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.evaluate import evaluate, read_groundtruth  # noqa: E402
+from search.evaluate import read_groundtruth  # noqa: E402
 
 SPLIT_SETS = ("covers50", "paris250", "corel1k", "flowers12")
 CROSS = (("covers50", "corel1k"), ("covers50", "paris250"), ("covers50", "copies"),
@@ -53,54 +52,51 @@ def halves(root: Path, out: Path, seed: int = 0) -> tuple[Path, Path]:
     return folders
 
 
-def tune_cost(labelled: Path, workdir: Path, method: str) -> tuple[float, float]:
-    """(seconds, peak resident MB) of `lookalike tune` into a new database, a process of its own."""
+def score(dataset: Path, verify: bool, tune_on: Path | None = None, method: str = "whiten") -> dict:
+    """`lookalike evaluate` as a process of its own: its scores, the tuning's time, the peak memory."""
     cli = Path(sys.executable).with_name("lookalike")
-    out = subprocess.run(["/usr/bin/time", "-f", "peak %M", str(cli), "tune", str(labelled),
-                          "--db", str(workdir / f"cost-{labelled.name}-{method}.db"), "--method", method,
-                          "--local-features", "none"], capture_output=True, text=True, check=True)
-    seconds = float(out.stderr.split("tuned (")[1].split(" in ")[1].split("s")[0])
-    peak_kb = int(out.stderr.rsplit("peak ", 1)[1].split()[0])
-    return seconds, peak_kb / 1024
-
-
-def score(dataset: Path, verify: int, tune_on: Path | None = None) -> dict:
-    e = evaluate(dataset, tune_on=tune_on, verify=verify,
-                 local_features=None if verify else "none")
-    return {"map": e.map, "p1": e.precision_at_1, "queries": e.queries, "tuning": e.tuning}
+    args = ["/usr/bin/time", "-f", "peak %M", str(cli), "evaluate", str(dataset), "--json"]
+    if not verify:
+        args += ["--verify", "0", "--local-features", "none"]
+    if tune_on is not None:
+        args += ["--tune-on", str(tune_on), "--tune-method", method]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1])
+    e = json.loads(out.stdout.strip().splitlines()[-1])
+    seconds = float(e["tuning"].split(" in ")[1].split("s,")[0]) if e["tuning"] else None
+    return {"map": e["map"], "p1": e["precision_at_1"], "queries": e["queries"], "tuning": e["tuning"],
+            "seconds": seconds, "peak_mb": int(out.stderr.rsplit("peak ", 1)[1].split()[0]) / 1024}
 
 
 def main(datasets: str, out: str, verify: bool = False, method: str = "whiten") -> None:
     datasets, out = Path(datasets), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    depth = None if verify else 0
     rows = []
-    with tempfile.TemporaryDirectory(prefix="tune-eval-") as tmp:
-        print(f"## held-out half (verify {'default' if verify else 0}, method {method})")
-        print("| set | labelled images (A) | queries (B) | untuned mAP | tuned mAP | gain | untuned P@1 | "
-              "tuned P@1 | tuning time | tuning peak memory |")
-        for name in SPLIT_SETS:
-            a, b = halves(datasets / name, out)
-            base, tuned = score(b, depth), score(b, depth, tune_on=a)
-            seconds, peak = tune_cost(a, Path(tmp), method)
-            n_a = len(read_groundtruth(a / "groundtruth.csv", a))
-            rows.append({"set": name, "base": base, "tuned": tuned, "seconds": seconds, "peak_mb": peak})
-            print(f"| {name} | {n_a} | {base['queries']} | {base['map']:.3f} | {tuned['map']:.3f} | "
-                  f"{tuned['map'] - base['map']:+.3f} | {base['p1']:.3f} | {tuned['p1']:.3f} | "
-                  f"{seconds:.1f} s | {peak:.0f} MB |", flush=True)
-        print(f"\n## tuned on one whole set, measured on another (verify {'default' if verify else 0})")
-        print("| tuned on | measured on | untuned mAP | tuned mAP | gain |")
-        untuned: dict[str, dict] = {}
-        for src, dst in CROSS:
-            droot = datasets / dst if dst != "copies" else Path("/tmp/copies")
-            if not (droot / "groundtruth.csv").exists():
-                continue
-            if dst not in untuned:
-                untuned[dst] = score(droot, depth)
-            tuned = score(droot, depth, tune_on=datasets / src)
-            rows.append({"tuned_on": src, "set": dst, "base": untuned[dst], "tuned": tuned})
-            print(f"| {src} | {dst} | {untuned[dst]['map']:.3f} | {tuned['map']:.3f} | "
-                  f"{tuned['map'] - untuned[dst]['map']:+.3f} |", flush=True)
+    print(f"## held-out half (verify {'default' if verify else 0}, method {method})")
+    print("| set | labelled images (A) | queries (B) | untuned mAP | tuned mAP | gain | untuned P@1 | "
+          "tuned P@1 | tuning time | peak memory of the run |")
+    for name in SPLIT_SETS:
+        a, b = halves(datasets / name, out)
+        base, tuned = score(b, verify), score(b, verify, tune_on=a, method=method)
+        n_a = len(read_groundtruth(a / "groundtruth.csv", a))
+        rows.append({"set": name, "base": base, "tuned": tuned})
+        print(f"| {name} | {n_a} | {base['queries']} | {base['map']:.3f} | {tuned['map']:.3f} | "
+              f"{tuned['map'] - base['map']:+.3f} | {base['p1']:.3f} | {tuned['p1']:.3f} | "
+              f"{tuned['seconds']:.0f} s | {tuned['peak_mb']:.0f} MB |", flush=True)
+    print(f"\n## tuned on one whole set, measured on another (verify {'default' if verify else 0})")
+    print("| tuned on | measured on | untuned mAP | tuned mAP | gain |")
+    untuned: dict[str, dict] = {}
+    for src, dst in CROSS:
+        droot = datasets / dst if dst != "copies" else Path("/tmp/copies")
+        if not (droot / "groundtruth.csv").exists():
+            continue
+        if dst not in untuned:
+            untuned[dst] = score(droot, verify)
+        tuned = score(droot, verify, tune_on=datasets / src, method=method)
+        rows.append({"tuned_on": src, "set": dst, "base": untuned[dst], "tuned": tuned})
+        print(f"| {src} | {dst} | {untuned[dst]['map']:.3f} | {tuned['map']:.3f} | "
+              f"{tuned['map'] - untuned[dst]['map']:+.3f} |", flush=True)
     (out / f"tune_eval-{method}-verify{int(verify)}.json").write_text(json.dumps(rows, indent=1))
 
 
