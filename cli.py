@@ -357,15 +357,25 @@ def evaluate(dataset, groundtruth, db, model, weights, layer, pooling, gem_p, im
             click.echo(line)
 
 
+def _untune(indexer) -> None:
+    try:
+        undone = indexer.untune()
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    click.echo("; ".join(undone) if undone else "the database was not tuned: nothing to undo", err=True)
+
+
 def _training_progress(step: int, steps: int, loss: float) -> None:
     if step == steps or step % max(1, steps // 20) == 0:
         click.echo(f"lookalike: fine-tuning: step {step}/{steps}, loss {loss:.4f}", err=True)
 
 
 @main.command()
-@click.argument("labelled", type=click.Path(exists=True))
+@click.argument("labelled", type=click.Path(exists=True), required=False)
 @click.option("--groundtruth", type=click.Path(exists=True, dir_okay=False),
               help="CSV with path,group [default: LABELLED/groundtruth.csv, or LABELLED if it is a CSV].")
+@click.option("--undo", is_flag=True, help="Undo the tuning of the database: the original weights "
+              "(every image embedded again) and the default whitening.")
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 @click.option("--method", type=click.Choice(_tuning_methods()), default=_tuning_methods()[0], show_default=True,
               help="whiten: a projection learned from the labelled pairs, applied to every stored "
@@ -381,18 +391,24 @@ def _training_progress(step: int, steps: int, loss: float) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def tune(labelled, groundtruth, db, method, epochs, dim, shrinkage, model, weights, layer, pooling, gem_p,
-         image_size, scales, local_features, keypoints, batch_size, workers, device) -> None:
+def tune(labelled, groundtruth, undo, db, method, epochs, dim, shrinkage, model, weights, layer, pooling,
+         gem_p, image_size, scales, local_features, keypoints, batch_size, workers, device) -> None:
     """Learn from a LABELLED set (images grouped by what they show) to search the database better.
 
     LABELLED is a folder with groundtruth.csv (columns path,group: images of
     one group show the same thing) or such a CSV. Its images need not be
     indexed. Tuning suits the kind of images it learned from; 'lookalike
-    whiten --kind center' undoes it.
+    tune --undo' undoes it.
     """
     from indexer import Indexer
     from indexer.scan import display_path
 
+    if undo:
+        if labelled:
+            raise click.UsageError("--undo takes no LABELLED set")
+        return _untune(Indexer(db, device=device, batch_size=batch_size, workers=workers))
+    if not labelled:
+        raise click.UsageError("missing the LABELLED set (a folder with groundtruth.csv, or the CSV)")
     try:
         tuned = Indexer(db, model=model, weights=weights, layer=layer, pooling=pooling, gem_p=gem_p,
                         image_size=image_size, scales=scales, local_features=local_features,

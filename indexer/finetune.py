@@ -107,7 +107,7 @@ def describe(net, p, pictures: list[np.ndarray]):
     out: list = [None] * len(pictures)
     for rows in by_shape.values():
         x = torch.from_numpy(np.stack([pictures[i] for i in rows]).transpose(0, 3, 1, 2).astype(np.float32))
-        fmaps = net(x)
+        fmaps = net(x.to(p.device))
         fmaps = fmaps if isinstance(fmaps, tuple) else (fmaps,)
         parts = [F.normalize(f.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p), dim=1) for f in fmaps]
         vecs = F.normalize(torch.cat(parts, dim=1), dim=1) if len(parts) > 1 else parts[0]

@@ -26,6 +26,7 @@ from .store import FAILED, OK, ImageRow, LocalRow, RetunedRow, Store
 log = logging.getLogger(__name__)
 
 PENDING = "pending_recipe"
+ORIGINAL = "original_recipe"  # the recipe before the first fine-tuning, for undoing it
 CHANGED = "changed on disk while the database was embedded again; the next index run embeds it"
 
 
@@ -36,10 +37,19 @@ def pending(store: Store) -> Recipe | None:
     return Recipe.from_json(text) if text else None
 
 
+def original(store: Store) -> Recipe | None:
+    """The recipe before the database was first fine-tuned, or None (never fine-tuned)."""
+    with store.session() as s:
+        text = store.get_setting(s, ORIGINAL)
+    return Recipe.from_json(text) if text else None
+
+
 def begin(store: Store, recipe: Recipe) -> None:
     """Start moving the database to ``recipe`` (one commit; a move under way restarts)."""
     with store.session() as s:
         s.execute(delete(RetunedRow))
+        if not store.get_setting(s, ORIGINAL):
+            store.set_setting(s, ORIGINAL, store.get_setting(s, "recipe"))
         store.set_setting(s, PENDING, recipe.to_json())
         s.commit()
 
@@ -124,6 +134,8 @@ def _swap(store: Store, recipe: Recipe, failures: dict[int, str]) -> None:
         s.execute(delete(RetunedRow))
         store.set_setting(s, "recipe", recipe.to_json())
         store.set_setting(s, PENDING, "")
+        if store.get_setting(s, ORIGINAL) == recipe.to_json():  # back where it started: undone
+            store.set_setting(s, ORIGINAL, "")
         store.forget_whitening(s)  # learned from the old descriptors: meaningless now
         s.commit()
     if store.count(OK):  # the FAISS file, from the new descriptors

@@ -331,6 +331,37 @@ class Indexer:
         return Tuned("whiten", len(vecs), len(set(groups)), pair_count(groups), embedded,
                      w.describe(), failures)
 
+    def untune(self) -> list[str]:
+        """Undo tuning: the original weights back (every image embedded again) after
+        fine-tuning, and the default whitening after either method; what was undone."""
+        from . import retune
+        from .encoder import resolve_device
+        from .whitening import CENTER_MIN_IMAGES, LEARNED
+
+        device = resolve_device(self.device)
+        undone = []
+        with writer_lock(self.db):
+            store = Store(self.db, create=False)
+            try:
+                self._finish_retune(store, device)
+                first = retune.original(store)
+                if first is not None:
+                    retune.begin(store, first)
+                    self._finish_retune(store, device, first)
+                    undone.append(f"the original weights are back ({first.model}, sha256 "
+                                  f"{first.weights_sha256[:12]}, GeM p {first.gem_p:g})")
+                stored = store.whitening()
+                if stored is not None and stored.kind == LEARNED or first is not None:
+                    if store.count(OK) >= CENTER_MIN_IMAGES:
+                        self._learn(store, "center")
+                    else:
+                        self._set_whitening(store, None, forget=True)
+                    if stored is not None and stored.kind == LEARNED:
+                        undone.append("the learned whitening is replaced by the default, centring")
+            finally:
+                store.close()
+        return undone
+
     def _finetune(self, store: Store, entries, device: str, epochs: int | None, progress):
         from . import retune
         from .tuning import finetune_recipe, labelled_descriptors

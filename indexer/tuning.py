@@ -4,7 +4,8 @@ A labelled set (indexer.groundtruth: ``path,group``) says which pictures show
 the same thing. ``whiten`` learns a projection from its matching pairs
 (indexer.whitening.learn_from_groups) and stores it as the database's
 whitening: nothing is embedded again, every stored vector and every query
-goes through it, and ``lookalike whiten --kind center`` undoes it.
+goes through it. ``finetune`` trains the network itself (indexer.finetune)
+and embeds the database again (indexer.retune). ``Indexer.untune`` undoes both.
 
 The labelled images need not be in the database: those that are lend their
 stored descriptors, the others are embedded with the database's recipe and

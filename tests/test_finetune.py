@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,14 @@ def test_finetuning_a_database_that_holds_images_embeds_them_again(tmp_path, pho
     assert result.exit_code == 0, result.output
     result = run("index", photos, "--db", db)
     assert result.exit_code == 0 and "6 unchanged" in result.output, result.output
+    tuned_sha = Store(db, create=False).recipe().weights_sha256
+    # The ONNX graph follows the tuned weights: exported once more, named by their checksum.
+    assert list(Path(os.environ["LOOKALIKE_CACHE"]).glob(f"*{tuned_sha[:16]}*.onnx"))
+
+    result = run("tune", "--undo", "--db", db)
+    assert result.exit_code == 0 and "the original weights are back" in result.output, result.output
+    for p, vec in before.items():
+        np.testing.assert_allclose(_embedding(db, photos / p), vec, atol=1e-5)
+    assert run("check", "--db", db, "--all").exit_code == 0
+    result = run("tune", "--undo", "--db", db)
+    assert result.exit_code == 0 and "nothing to undo" in result.output, result.output

@@ -136,10 +136,17 @@ def test_tune_a_new_database_then_index_and_query(tmp_path, photos):
     result = run("check", "--db", db)
     assert result.exit_code == 0, result.output
 
-    result = run("whiten", "--db", db, "--kind", "auto")  # undo: back to the default
+    result = run("tune", "--undo", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "the learned whitening is replaced by the default" in result.output
+    assert info(db)["whitening"] is None
+    assert run("tune", "--db", db, labelled).exit_code == 0
+    result = run("whiten", "--db", db, "--kind", "auto")  # the same, by the whitening's command
     assert result.exit_code == 0, result.output
     assert "centring comes once 50 images are indexed" in result.output
     assert info(db)["whitening"] is None
+    result = run("tune", "--db", db)
+    assert result.exit_code == 2 and "missing the LABELLED set" in result.output
 
 
 def test_tuning_reuses_what_is_indexed_and_centres_on_the_collection(tmp_path):
