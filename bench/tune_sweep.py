@@ -22,9 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from indexer.groundtruth import leave_one_out_map as mean_ap  # noqa: E402
 from indexer.store import Store  # noqa: E402
 from indexer.whitening import LEARNED_SHRINKAGE, learn, learn_from_groups  # noqa: E402
-from search.evaluate import average_precision, read_groundtruth  # noqa: E402
+from search.evaluate import read_groundtruth  # noqa: E402
 
 SETS = ("covers50", "paris250", "corel1k", "flowers12", "copies")
 
@@ -44,20 +45,6 @@ def labelled(db: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
     x = np.concatenate(vecs)
     keep = [j for j, i in enumerate(ids) if paths[i][0] in group_of]
     return x[keep], np.array([group_of[paths[ids[j]][0]] for j in keep])
-
-
-def mean_ap(x: np.ndarray, groups: np.ndarray) -> float:
-    """mAP of every image as a query against the others (cosine on the rows given)."""
-    sims = x @ x.T
-    np.fill_diagonal(sims, -np.inf)
-    aps = []
-    for q in range(len(x)):
-        total = int((groups == groups[q]).sum()) - 1
-        if total == 0:
-            continue
-        order = np.argsort(-sims[q])[:-1]
-        aps.append(average_precision(groups[order] == groups[q], total))
-    return float(np.mean(aps))
 
 
 def split(groups: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,10 @@ MARGIN = 0.7  # negatives closer than this (Euclidean, unit vectors) are pushed 
 TRAIN_SIZE = 320  # longest side of the training pictures
 GROUPS_PER_BATCH = 8
 PER_GROUP = 2
-MIN_GROUPS = 4
+# Fewer groups than this are learned by heart: trained on 2 Paris landmarks, the other 3
+# lost 0.18 of mAP (bench/QUALITY.md). Whitening (--method whiten) is safe there.
+MIN_GROUPS = 10
+VALIDATION_SHARE = 0.2  # of the groups, held out to keep the best epoch (or none)
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss)
 
@@ -41,8 +44,31 @@ class FinetuneError(ValueError):
 class Trained:
     state: dict  # the whole network's weights, in the layout indexer.network reads
     gem_p: float
-    epochs: int
-    losses: list[float]  # mean loss of each epoch
+    epochs: int  # the epoch kept (the best on the held-out groups)
+    losses: list[float]  # mean training loss of each epoch
+    validation: list[float]  # held-out groups' mAP before training and after each epoch
+
+
+def split(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training pictures and of the held-out ones (VALIDATION_SHARE of the
+    groups of two or more, at least two groups)."""
+    names, sizes = np.unique(labels, return_counts=True)
+    pairs = rng.permutation(names[sizes > 1])
+    held = set(pairs[: max(2, round(VALIDATION_SHARE * len(names)))])
+    out = np.array([g in held for g in labels])
+    return np.flatnonzero(~out), np.flatnonzero(out)
+
+
+def held_out_map(net, p, pictures: list[np.ndarray], labels: np.ndarray) -> float:
+    """mAP of the held-out pictures among themselves, with the network as it is now."""
+    import torch
+
+    from .groundtruth import leave_one_out_map
+
+    with torch.no_grad():
+        vecs = np.concatenate([describe(net, p, pictures[i:i + 16]).cpu().numpy()
+                               for i in range(0, len(pictures), 16)])
+    return leave_one_out_map(vecs, labels)
 
 
 def check_trainable(recipe, groups: Sequence[str]) -> None:
@@ -50,10 +76,10 @@ def check_trainable(recipe, groups: Sequence[str]) -> None:
     if recipe.pooling != "gem":
         raise FinetuneError(f"fine-tuning learns GeM's p; this database pools with {recipe.pooling}")
     names, sizes = np.unique(np.asarray(groups, dtype=object).astype(str), return_counts=True)
-    if len(names) < MIN_GROUPS or not (sizes > 1).any():
-        raise FinetuneError(f"fine-tuning needs at least {MIN_GROUPS} groups, some with two images or "
-                            f"more; the labelled images have {len(names)} groups, "
-                            f"{int((sizes > 1).sum())} with two or more")
+    if (sizes > 1).sum() < MIN_GROUPS:
+        raise FinetuneError(f"fine-tuning needs at least {MIN_GROUPS} groups of two images or more "
+                            f"(fewer are learned by heart); the labelled images have "
+                            f"{int((sizes > 1).sum())}: use --method whiten")
 
 
 def mine(descriptors: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -122,6 +148,8 @@ def train(net, gem_p: float, pictures: list[np.ndarray], groups: Sequence[str], 
     """Fine-tune ``net`` (indexer.network.build_trunk's) and p on ``pictures`` grouped by ``groups``.
 
     ``descriptors`` (the pictures' current ones) mine the first epoch's batches.
+    A share of the groups is held out: the epoch that ranks them best is kept,
+    and FinetuneError says so when every epoch ranks them worse than before.
     """
     import torch
 
@@ -130,41 +158,68 @@ def train(net, gem_p: float, pictures: list[np.ndarray], groups: Sequence[str], 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     labels = np.asarray(groups, dtype=object).astype(str)
+    fit, held = split(labels, rng)
     net = net.to(device).eval()
     weights = list(net.parameters())
-    for w in weights:
-        w.requires_grad_(True)
     p = torch.nn.Parameter(torch.tensor(float(gem_p), device=device))
     # p is one number among millions: it gets a larger step, or it would not move in a few epochs.
     opt = torch.optim.Adam([{"params": weights, "weight_decay": 1e-6},
                             {"params": [p], "lr": learning_rate * P_RATE}], lr=learning_rate)
-    current = np.array(descriptors, dtype=np.float32, copy=True)
-    losses: list[float] = []
-    batches = mine(current, labels, rng)
-    steps, step = epochs * len(batches), 0  # every epoch has as many batches
-    for epoch in range(epochs):
-        if epoch:
-            batches = mine(current, labels, rng)
+    held_pictures = [pictures[i] for i in held]
+    validation = [held_out_map(net, p, held_pictures, labels[held])]
+    best_score, best = validation[0], None
+    epoch = _Epoch(net, p, opt, [pictures[i] for i in fit], labels[fit], descriptors[fit], rng, epochs, progress)
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for n in range(1, epochs + 1):
+            epoch.run()
+            validation.append(held_out_map(net, p, held_pictures, labels[held]))
+            log.info("epoch %d/%d: loss %.4f, GeM p %.3f, held-out mAP %.3f", n, epochs, epoch.losses[-1],
+                     float(p.detach()), validation[-1])
+            # Ties go to the later epoch: as good on unseen groups, better on the labelled ones.
+            if validation[-1] >= best_score:
+                best_score, best = validation[-1], (whole_state(net), round(float(p.detach()), 4), n)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    if best is None:
+        raise FinetuneError(f"fine-tuning ranked the {len(set(labels[held]))} held-out groups worse "
+                            f"(mAP {validation[0]:.3f} before, at best {max(validation[1:]):.3f} after): "
+                            "nothing was changed; --method whiten may help")
+    return Trained(best[0], best[1], best[2], epoch.losses, validation)
+
+
+class _Epoch:
+    """One pass of training over about as many pictures as the set holds, mined anew each time."""
+
+    def __init__(self, net, p, opt, pictures, labels, descriptors, rng, epochs: int, progress):
+        self.net, self.p, self.opt, self.pictures, self.labels = net, p, opt, pictures, labels
+        self.current = np.array(descriptors, dtype=np.float32, copy=True)
+        self.rng, self.progress = rng, progress
+        self.steps = epochs * len(mine(self.current, labels, np.random.default_rng(0)))
+        self.step = 0
+        self.losses: list[float] = []
+
+    def run(self) -> None:
+        import torch
+
+        batches = mine(self.current, self.labels, self.rng)
         total = 0.0
         for batch in batches:
-            vecs = describe(net, p, [pictures[i] for i in batch])
-            loss = contrastive(vecs.cpu(), labels[batch])
-            opt.zero_grad()
+            vecs = describe(self.net, self.p, [self.pictures[i] for i in batch])
+            loss = contrastive(vecs.cpu(), self.labels[batch])
+            self.opt.zero_grad()
             loss.backward()
-            opt.step()
+            self.opt.step()
             with torch.no_grad():
-                p.clamp_(min=1.0)
-            current[batch] = vecs.detach().cpu().numpy()
-            value = float(loss.detach())
-            total += value
-            step += 1
-            if progress:
-                progress(step, steps, value)
-        losses.append(total / max(len(batches), 1))
-        log.info("epoch %d/%d: loss %.4f, GeM p %.3f", epoch + 1, epochs, losses[-1], float(p.detach()))
-    for w in weights:
-        w.requires_grad_(False)
-    return Trained(whole_state(net), round(float(p.detach()), 4), epochs, losses)
+                self.p.clamp_(min=1.0)
+            self.current[batch] = vecs.detach().cpu().numpy()
+            total += float(loss.detach())
+            self.step += 1
+            if self.progress:
+                self.progress(self.step, self.steps, float(loss.detach()))
+        self.losses.append(total / max(len(batches), 1))
 
 
 def training_shape(width: int, height: int) -> tuple[int, int]:

@@ -12,8 +12,41 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 FILENAME = "groundtruth.csv"
+
+
+def average_precision(relevant: Sequence[bool], total_relevant: int | None = None) -> float:
+    """AP of a ranking given as relevance flags, best first.
+
+    ``total_relevant`` counts relevant items that the ranking may have missed
+    (default: those in it); each missed one adds a precision of 0.
+    """
+    rel = np.asarray(relevant, dtype=bool)
+    total = int(rel.sum()) if total_relevant is None else int(total_relevant)
+    if total == 0:
+        return 0.0
+    hits = np.cumsum(rel)
+    precisions = hits[rel] / (np.flatnonzero(rel) + 1)
+    return float(precisions.sum() / total)
+
+
+def leave_one_out_map(vecs: np.ndarray, groups: Sequence[str]) -> float:
+    """mAP of every row of ``vecs`` (unit vectors) as a query against the others, by cosine;
+    rows alone in their group are left out."""
+    labels = np.asarray(groups, dtype=object).astype(str)
+    sims = vecs @ vecs.T
+    np.fill_diagonal(sims, -np.inf)
+    aps = []
+    for q in range(len(vecs)):
+        total = int((labels == labels[q]).sum()) - 1
+        if total:
+            order = np.argsort(-sims[q])[:-1]
+            aps.append(average_precision(labels[order] == labels[q], total))
+    return float(np.mean(aps)) if aps else 0.0
 
 
 class GroundTruthError(ValueError):

@@ -127,8 +127,9 @@ def finetune_recipe(recipe: Recipe, kept: list[Entry], vecs: np.ndarray, weights
                              device=device, progress=progress)
     saved, sha = finetune.save(trained.state, recipe.model)
     tuned_recipe = replace(recipe, weights_sha256=sha, gem_p=trained.gem_p)
-    losses = ", ".join(f"{x:.4f}" for x in trained.losses)
+    held = ", ".join(f"{x:.3f}" for x in trained.validation)
     return tuned_recipe, Tuned(
         "finetune", len(ok), len(set(groups)), pair_count(groups), 0,
-        f"{recipe.model} fine-tuned for {trained.epochs} epochs (loss by epoch {losses}), GeM p "
-        f"{trained.gem_p:g}, saved as {saved}", failures)
+        f"{recipe.model} fine-tuned, epoch {trained.epochs} of {len(trained.losses)} kept (held-out "
+        f"groups' mAP before and after each epoch: {held}), GeM p {trained.gem_p:g}, saved as {saved}",
+        failures)

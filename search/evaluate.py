@@ -18,8 +18,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# The labelled-set format is the indexer's (tune learns from it); named here too for callers of evaluate.
-from indexer.groundtruth import Entry, GroundTruthError, labelled_set, read_groundtruth  # noqa: F401
+# The labelled-set format and AP are the indexer's (tune learns and validates with them);
+# named here too for callers of evaluate.
+from indexer.groundtruth import (  # noqa: F401
+    Entry,
+    GroundTruthError,
+    average_precision,
+    labelled_set,
+    read_groundtruth,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +34,6 @@ RECALL_AT = (10, 100)
 
 
 # -- metrics: pure functions of one ranking ----------------------------------
-def average_precision(relevant: Sequence[bool], total_relevant: int | None = None) -> float:
-    """AP of a ranking given as relevance flags, best first.
-
-    ``total_relevant`` counts relevant items that the ranking may have missed
-    (default: those in it); each missed one adds a precision of 0.
-    """
-    rel = np.asarray(relevant, dtype=bool)
-    total = int(rel.sum()) if total_relevant is None else int(total_relevant)
-    if total == 0:
-        return 0.0
-    hits = np.cumsum(rel)
-    precisions = hits[rel] / (np.flatnonzero(rel) + 1)
-    return float(precisions.sum() / total)
-
-
 def precision_at(relevant: Sequence[bool], k: int) -> float:
     """Share of relevant items among the first ``k`` (a short ranking counts its gaps as misses)."""
     return float(np.sum(np.asarray(relevant[:k], dtype=bool)) / k)

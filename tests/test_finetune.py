@@ -39,6 +39,14 @@ def test_batches_gather_a_group_with_the_groups_nearest_to_it():
         assert set(names) == nearest | {f"g{seed}"}
 
 
+def test_a_share_of_the_groups_is_held_out_to_choose_the_epoch():
+    labels = np.array([f"g{i}" for i in range(20) for _ in range(3)] + ["alone"])
+    fit, held = finetune.split(labels, np.random.default_rng(0))
+    assert sorted(np.concatenate([fit, held])) == list(range(61))
+    assert len(set(labels[held])) == 4 and not set(labels[held]) & set(labels[fit])
+    assert "alone" in set(labels[fit])  # a group of one cannot be scored
+
+
 def test_contrastive_loss_by_hand():
     v = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
     labels = np.array(["a", "a", "b"])
@@ -52,15 +60,15 @@ def test_a_set_it_cannot_learn_from_is_refused(tmp_path):
     from indexer.recipe import make_recipe
 
     recipe = make_recipe("efficientnet_lite0", weights_sha256="x", local_features="none")
-    with pytest.raises(finetune.FinetuneError, match="at least 4 groups.*3 groups, 3 with two"):
-        finetune.check_trainable(recipe, ["a", "a", "b", "b", "c", "c"])
+    with pytest.raises(finetune.FinetuneError, match="at least 10 groups of two.*have 9: use --method whiten"):
+        finetune.check_trainable(recipe, [g for g in "abcdefghij" for _ in range(2)][:-1])
     with pytest.raises(finetune.FinetuneError, match="pools with mac"):
         finetune.check_trainable(make_recipe("efficientnet_lite0", weights_sha256="x", pooling="mac",
-                                             local_features="none"), ["a"] * 9)
+                                             local_features="none"), ["a"] * 30)
 
 
 def test_finetune_a_new_database_then_index_and_query(tmp_path, photos):
-    labelled, db = labelled_set(tmp_path / "labelled", groups=8), tmp_path / "tuned.db"
+    labelled, db = labelled_set(tmp_path / "labelled", groups=12), tmp_path / "tuned.db"
     result = run("tune", labelled, "--db", db, "--method", "finetune", "--epochs", "1",
                  "--image-size", "64", "--local-features", "none", "--workers", "0")
     assert result.exit_code == 0, result.output
@@ -107,7 +115,7 @@ def _embedding(db: Path, path: Path) -> np.ndarray:
 def test_finetuning_a_database_that_holds_images_embeds_them_again(tmp_path, photos, db):
     assert run("index", photos, "--db", db, "--image-size", "64").exit_code == 0
     before = {p: _embedding(db, photos / p) for p in ("p0.jpg", "sub/p5.png")}
-    result = run("tune", labelled_set(tmp_path / "labelled"), "--db", db, "--method", "finetune",
+    result = run("tune", labelled_set(tmp_path / "labelled", groups=12), "--db", db, "--method", "finetune",
                  "--epochs", "1")
     assert result.exit_code == 0, result.output
     assert "6 indexed images embedded again" in result.output

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from cli import main
 from conftest import labelled_set, save_photo
 from indexer import Indexer
+from indexer.groundtruth import leave_one_out_map as mean_ap
 from indexer.whitening import (
     LEARNED,
     Whitening,
@@ -21,7 +22,6 @@ from indexer.whitening import (
     pair_count,
 )
 from search import Searcher
-from search.evaluate import average_precision
 
 SIZE = ["--image-size", "64", "--local-features", "none", "--workers", "0"]
 
@@ -77,16 +77,6 @@ def nuisance_data(seed: int, groups: int, per: int = 4, dim: int = 64):
             labels.append(f"{seed}-{g}")
     x = np.array(x)
     return x / np.linalg.norm(x, axis=1, keepdims=True), np.array(labels)
-
-
-def mean_ap(x: np.ndarray, labels: np.ndarray) -> float:
-    sims = x @ x.T
-    np.fill_diagonal(sims, -np.inf)
-    aps = []
-    for q in range(len(x)):
-        order = np.argsort(-sims[q])[:-1]
-        aps.append(average_precision(labels[order] == labels[q], int((labels == labels[q]).sum()) - 1))
-    return float(np.mean(aps))
 
 
 def test_learned_whitening_finds_groups_it_never_saw_where_centring_fails():
