@@ -466,6 +466,8 @@ def info(db, as_json) -> None:
     for key, value in (data["recipe"] or {}).items():
         click.echo(f"{key:<10} {value}")
     click.echo(f"whitening  {data['whitening'] or 'none'}")
+    if data["tuned_weights"]:
+        click.echo(f"tuned      fine-tuned weights in {data['tuned_weights']}")
     c = data["counts"]
     click.echo(f"images     {c['ok']} indexed, {c['failed']} failed")
     lf = data["local_features"]

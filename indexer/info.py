@@ -1,10 +1,10 @@
-"""What a database holds: its recipe, counts, failures and sizes on disk."""
+"""What a database holds: its recipe, tuning, counts, failures and sizes on disk."""
 from __future__ import annotations
 
 import dataclasses
 import os
 
-from . import vectors
+from . import retune, vectors
 from .store import FAILED, OK, Store, default_db_path
 
 
@@ -25,6 +25,7 @@ def describe(db: str | os.PathLike | None = None) -> dict:
             "database": str(store.path),
             "recipe": dataclasses.asdict(recipe) if recipe else None,
             "whitening": whitening.describe() if whitening else None,
+            "tuned_weights": _tuned_weights(recipe, retune.original(store)),
             "counts": {"ok": store.count(OK), "failed": store.count(FAILED)},
             # Their bytes as stored (the database file's pages hold them with a little slack).
             "local_features": {"images": with_local, "bytes": local_bytes},
@@ -33,3 +34,13 @@ def describe(db: str | os.PathLike | None = None) -> dict:
         }
     finally:
         store.close()
+
+
+def _tuned_weights(recipe, original) -> str | None:
+    """Where a fine-tuned database's weights are (or should be), or None when not fine-tuned."""
+    if recipe is None or original is None:
+        return None
+    from .backbone import tuned_weights_file
+
+    path = tuned_weights_file(recipe.model, recipe.weights_sha256)
+    return f"{path}" + ("" if path.is_file() else " (missing: queries and index runs will refuse)")

@@ -126,6 +126,8 @@ def test_finetuning_a_database_that_holds_images_embeds_them_again(tmp_path, pho
     result = run("index", photos, "--db", db)
     assert result.exit_code == 0 and "6 unchanged" in result.output, result.output
     tuned_sha = Store(db, create=False).recipe().weights_sha256
+    result = run("info", "--db", db)
+    assert f"tuned      fine-tuned weights in {weights_dir()}" in result.output, result.output
     # The ONNX graph follows the tuned weights: exported once more, named by their checksum.
     assert list(Path(os.environ["LOOKALIKE_CACHE"]).glob(f"*{tuned_sha[:16]}*.onnx"))
 
