@@ -29,6 +29,7 @@ from search.evaluate import read_groundtruth  # noqa: E402
 SPLIT_SETS = ("covers50", "paris250", "corel1k", "flowers12")
 CROSS = (("covers50", "corel1k"), ("covers50", "paris250"), ("covers50", "copies"),
          ("paris250", "covers50"), ("corel1k", "covers50"))
+# (corel1k has 10 categories: fine-tuned on it, 1,000 pictures take about 15 minutes here)
 
 
 def halves(root: Path, out: Path, seed: int = 0) -> tuple[Path, Path]:

@@ -44,9 +44,9 @@ class FinetuneError(ValueError):
 class Trained:
     state: dict  # the whole network's weights, in the layout indexer.network reads
     gem_p: float
-    epochs: int  # the epoch kept (the best on the held-out groups)
-    losses: list[float]  # mean training loss of each epoch
-    validation: list[float]  # held-out groups' mAP before training and after each epoch
+    epochs: int  # trained on all the groups: the count that ranked the held-out ones best
+    losses: list[float]  # mean training loss of each of those epochs
+    validation: list[float]  # held-out groups' mAP before training and after each trial epoch
 
 
 def split(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -142,59 +142,76 @@ def describe(net, p, pictures: list[np.ndarray]):
     return torch.stack(out)
 
 
-def train(net, gem_p: float, pictures: list[np.ndarray], groups: Sequence[str], descriptors: np.ndarray, *,
-          epochs: int = EPOCHS, learning_rate: float = LEARNING_RATE, device: str = "cpu",
+def train(make_net, gem_p: float, pictures: list[np.ndarray], groups: Sequence[str], descriptors: np.ndarray,
+          *, epochs: int = EPOCHS, learning_rate: float = LEARNING_RATE, device: str = "cpu",
           progress: Progress | None = None, seed: int = 0) -> Trained:
-    """Fine-tune ``net`` (indexer.network.build_trunk's) and p on ``pictures`` grouped by ``groups``.
+    """Fine-tune the network ``make_net()`` makes (indexer.network.build_trunk's) and p on
+    ``pictures`` grouped by ``groups``; ``descriptors`` (their current ones) mine the first batches.
 
-    ``descriptors`` (the pictures' current ones) mine the first epoch's batches.
-    A share of the groups is held out: the epoch that ranks them best is kept,
-    and FinetuneError says so when every epoch ranks them worse than before.
+    First a share of the groups is held out and the epoch that ranks them best
+    is found (FinetuneError when every epoch ranks them worse than before);
+    then the network is trained afresh on all the groups for that many epochs.
     """
-    import torch
-
-    from .network import whole_state
-
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     labels = np.asarray(groups, dtype=object).astype(str)
     fit, held = split(labels, rng)
-    net = net.to(device).eval()
-    weights = list(net.parameters())
-    p = torch.nn.Parameter(torch.tensor(float(gem_p), device=device))
-    # p is one number among millions: it gets a larger step, or it would not move in a few epochs.
-    opt = torch.optim.Adam([{"params": weights, "weight_decay": 1e-6},
-                            {"params": [p], "lr": learning_rate * P_RATE}], lr=learning_rate)
-    held_pictures = [pictures[i] for i in held]
-    validation = [held_out_map(net, p, held_pictures, labels[held])]
-    best_score, best = validation[0], None
-    epoch = _Epoch(net, p, opt, [pictures[i] for i in fit], labels[fit], descriptors[fit], rng, epochs, progress)
-    for w in weights:
-        w.requires_grad_(True)
-    try:
-        for n in range(1, epochs + 1):
-            epoch.run()
-            validation.append(held_out_map(net, p, held_pictures, labels[held]))
-            log.info("epoch %d/%d: loss %.4f, GeM p %.3f, held-out mAP %.3f", n, epochs, epoch.losses[-1],
-                     float(p.detach()), validation[-1])
-            # Ties go to the later epoch: as good on unseen groups, better on the labelled ones.
-            if validation[-1] >= best_score:
-                best_score, best = validation[-1], (whole_state(net), round(float(p.detach()), 4), n)
-    finally:
-        for w in weights:
-            w.requires_grad_(False)
-    if best is None:
+    trial = _Training(make_net(), gem_p, learning_rate, device, seed)
+    validation = [trial.held_out_map([pictures[i] for i in held], labels[held])]
+    epoch = trial.epochs([pictures[i] for i in fit], labels[fit], descriptors[fit], epochs, progress)
+    for n in range(1, epochs + 1):
+        epoch.run()
+        validation.append(trial.held_out_map([pictures[i] for i in held], labels[held]))
+        log.info("epoch %d/%d on %d of the groups: loss %.4f, held-out mAP %.3f", n, epochs,
+                 len(set(labels[fit])), epoch.losses[-1], validation[-1])
+    # Ties go to the later epoch: as good on unseen groups, better on the labelled ones.
+    best = max(range(1, epochs + 1), key=lambda n: (validation[n], n))
+    if validation[best] < validation[0]:
         raise FinetuneError(f"fine-tuning ranked the {len(set(labels[held]))} held-out groups worse "
-                            f"(mAP {validation[0]:.3f} before, at best {max(validation[1:]):.3f} after): "
+                            f"(mAP {validation[0]:.3f} before, at best {validation[best]:.3f} after): "
                             "nothing was changed; --method whiten may help")
-    return Trained(best[0], best[1], best[2], epoch.losses, validation)
+    final = _Training(make_net(), gem_p, learning_rate, device, seed)
+    epoch = final.epochs(pictures, labels, descriptors, best, progress)
+    for n in range(1, best + 1):
+        epoch.run()
+        log.info("epoch %d/%d on all the groups: loss %.4f", n, best, epoch.losses[-1])
+    return Trained(final.state(), final.gem_p, best, epoch.losses, validation)
+
+
+class _Training:
+    """A network and GeM's p being trained, with their optimiser."""
+
+    def __init__(self, net, gem_p: float, learning_rate: float, device: str, seed: int):
+        import torch
+
+        torch.manual_seed(seed)
+        self.net = net.to(device).eval()
+        self.p = torch.nn.Parameter(torch.tensor(float(gem_p), device=device))
+        # p is one number among millions: it gets a larger step, or it would not move in a few epochs.
+        self.opt = torch.optim.Adam([{"params": list(self.net.parameters()), "weight_decay": 1e-6},
+                                     {"params": [self.p], "lr": learning_rate * P_RATE}], lr=learning_rate)
+        self.seed = seed
+
+    def held_out_map(self, pictures: list[np.ndarray], labels: np.ndarray) -> float:
+        return held_out_map(self.net, self.p, pictures, labels)
+
+    def epochs(self, pictures, labels, descriptors, epochs: int, progress) -> "_Epoch":
+        return _Epoch(self, pictures, labels, descriptors, np.random.default_rng(self.seed + 1), epochs, progress)
+
+    @property
+    def gem_p(self) -> float:
+        return round(float(self.p.detach()), 4)
+
+    def state(self) -> dict:
+        from .network import whole_state
+
+        return whole_state(self.net)
 
 
 class _Epoch:
     """One pass of training over about as many pictures as the set holds, mined anew each time."""
 
-    def __init__(self, net, p, opt, pictures, labels, descriptors, rng, epochs: int, progress):
-        self.net, self.p, self.opt, self.pictures, self.labels = net, p, opt, pictures, labels
+    def __init__(self, training: _Training, pictures, labels, descriptors, rng, epochs: int, progress):
+        self.t, self.pictures, self.labels = training, pictures, labels
         self.current = np.array(descriptors, dtype=np.float32, copy=True)
         self.rng, self.progress = rng, progress
         self.steps = epochs * len(mine(self.current, labels, np.random.default_rng(0)))
@@ -204,21 +221,28 @@ class _Epoch:
     def run(self) -> None:
         import torch
 
+        net, p, opt = self.t.net, self.t.p, self.t.opt
         batches = mine(self.current, self.labels, self.rng)
         total = 0.0
-        for batch in batches:
-            vecs = describe(self.net, self.p, [self.pictures[i] for i in batch])
-            loss = contrastive(vecs.cpu(), self.labels[batch])
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
-            with torch.no_grad():
-                self.p.clamp_(min=1.0)
-            self.current[batch] = vecs.detach().cpu().numpy()
-            total += float(loss.detach())
-            self.step += 1
-            if self.progress:
-                self.progress(self.step, self.steps, float(loss.detach()))
+        for w in net.parameters():
+            w.requires_grad_(True)
+        try:
+            for batch in batches:
+                vecs = describe(net, p, [self.pictures[i] for i in batch])
+                loss = contrastive(vecs.cpu(), self.labels[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    p.clamp_(min=1.0)
+                self.current[batch] = vecs.detach().cpu().numpy()
+                total += float(loss.detach())
+                self.step += 1
+                if self.progress:
+                    self.progress(self.step, self.steps, float(loss.detach()))
+        finally:
+            for w in net.parameters():
+                w.requires_grad_(False)
         self.losses.append(total / max(len(batches), 1))
 
 

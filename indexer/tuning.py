@@ -120,7 +120,7 @@ def finetune_recipe(recipe: Recipe, kept: list[Entry], vecs: np.ndarray, weights
     ok = [i for i, px in enumerate(pictures) if px is not None]
     groups = [kept[i].group for i in ok]
     path, _ = resolve_weights(recipe.model, weights, recipe.weights_sha256)
-    trained = finetune.train(build_trunk(recipe.model, recipe.layer, path), recipe.gem_p,
+    trained = finetune.train(lambda: build_trunk(recipe.model, recipe.layer, path), recipe.gem_p,
                              [pictures[i] for i in ok], groups, vecs[ok],
                              epochs=finetune.EPOCHS if epochs is None else epochs,
                              learning_rate=finetune.LEARNING_RATE,
@@ -130,6 +130,7 @@ def finetune_recipe(recipe: Recipe, kept: list[Entry], vecs: np.ndarray, weights
     held = ", ".join(f"{x:.3f}" for x in trained.validation)
     return tuned_recipe, Tuned(
         "finetune", len(ok), len(set(groups)), pair_count(groups), 0,
-        f"{recipe.model} fine-tuned, epoch {trained.epochs} of {len(trained.losses)} kept (held-out "
-        f"groups' mAP before and after each epoch: {held}), GeM p {trained.gem_p:g}, saved as {saved}",
+        f"{recipe.model} fine-tuned for {trained.epochs} epochs, the count that ranked held-out groups "
+        f"best (their mAP before and after each trial epoch: {held}), GeM p {trained.gem_p:g}, "
+        f"saved as {saved}",
         failures)
