@@ -65,7 +65,7 @@ def score(dataset: Path, verify: bool, tune_on: Path | None = None, method: str 
         args += ["--tune-on", str(tune_on), "--tune-method", method]
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(out.stderr.strip().splitlines()[-2])
+        raise RuntimeError(next(line for line in out.stderr.splitlines()[::-1] if line.startswith("Error:")))
     e = json.loads(out.stdout.strip().splitlines()[-1])
     seconds = float(e["tuning"].split(" in ")[1].split("s,")[0]) if e["tuning"] else None
     return {"map": e["map"], "p1": e["precision_at_1"], "queries": e["queries"], "tuning": e["tuning"],

@@ -28,6 +28,7 @@ from .store import (
     now,
     writer_lock,
 )
+from .tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-class Indexer:
+class Indexer(Tuning):
     """Index image folders into a lookalike database.
 
     Options left as None take the value stored in an existing database, or the
@@ -270,130 +271,6 @@ class Indexer:
                 return self._learn(store, kind, shrinkage)
             finally:
                 store.close()
-
-    # -- tuning -----------------------------------------------------------
-    def tune(self, labelled: str | os.PathLike, groundtruth: str | os.PathLike | None = None, *,
-             method: str = "whiten", dim: int | None = None, shrinkage: float | None = None,
-             epochs: int | None = None, progress=None):
-        """Learn from a labelled set (its folder with groundtruth.csv, or the CSV) how to
-        search this database better; returns a tuning.Tuned.
-
-        ``whiten``: a projection learned from the set's matching pairs becomes the
-        database's whitening (``dim`` output dimensions, ``shrinkage`` 0..1; None
-        takes the defaults). Undo with ``whiten("auto")``.
-        ``finetune``: the network and GeM's p are trained on the set for ``epochs``
-        (``progress(step, steps, loss)``); the weights go to the weights folder and
-        the recipe names them. A new database is made with this Indexer's recipe.
-        """
-        from .encoder import resolve_device
-        from .groundtruth import labelled_set, read_groundtruth
-        from .tuning import METHODS
-
-        if method not in METHODS:
-            raise ValueError(f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
-        start = time.perf_counter()
-        entries = read_groundtruth(*labelled_set(labelled, groundtruth))
-        device = resolve_device(self.device)
-        with writer_lock(self.db):
-            store = Store(self.db)
-            try:
-                self._finish_retune(store, device)
-                name = Path(labelled).expanduser().name
-                tuned = (self._tune_whitening(store, entries, device, dim, shrinkage, name)
-                         if method == "whiten" else self._finetune(store, entries, device, epochs, progress))
-            finally:
-                store.close()
-        tuned.seconds = time.perf_counter() - start
-        return tuned
-
-    def _tune_whitening(self, store: Store, entries, device: str, dim: int | None,
-                        shrinkage: float | None, name: str):
-        from .tuning import Tuned, labelled_descriptors
-        from .whitening import (
-            CENTER_MIN_IMAGES,
-            LEARNED_SHRINKAGE,
-            learn_from_groups,
-            pair_count,
-        )
-
-        recipe, encoder = self._bind_recipe(store, device)
-        vecs, kept, embedded, failures = labelled_descriptors(
-            store, recipe, entries, lambda r: encoder or self._encoder(r, device),
-            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
-        groups = [e.group for e in kept]
-        w = learn_from_groups(vecs, groups, dim=dim,
-                              shrinkage=LEARNED_SHRINKAGE if shrinkage is None else shrinkage,
-                              learned_at=now().strftime("%Y-%m-%d %H:%M:%S"), name=name)
-        if store.count(OK) >= CENTER_MIN_IMAGES:
-            w = w.centred(self._collection(store))
-        self._set_whitening(store, w)
-        log.info("%s: %s", store.path, w.describe())
-        return Tuned("whiten", len(vecs), len(set(groups)), pair_count(groups), embedded,
-                     w.describe(), failures)
-
-    def untune(self) -> list[str]:
-        """Undo tuning: the original weights back (every image embedded again) after
-        fine-tuning, and the default whitening after either method; what was undone."""
-        from . import retune
-        from .encoder import resolve_device
-        from .whitening import CENTER_MIN_IMAGES, LEARNED
-
-        device = resolve_device(self.device)
-        undone = []
-        with writer_lock(self.db):
-            store = Store(self.db, create=False)
-            try:
-                self._finish_retune(store, device)
-                first = retune.original(store)
-                if first is not None:
-                    retune.begin(store, first)
-                    self._finish_retune(store, device, first)
-                    undone.append(f"the original weights are back ({first.model}, sha256 "
-                                  f"{first.weights_sha256[:12]}, GeM p {first.gem_p:g})")
-                stored = store.whitening()
-                if stored is not None and stored.kind == LEARNED or first is not None:
-                    if store.count(OK) >= CENTER_MIN_IMAGES:
-                        self._learn(store, "center")
-                    else:
-                        self._set_whitening(store, None, forget=True)
-                    if stored is not None and stored.kind == LEARNED:
-                        undone.append("the learned whitening is replaced by the default, centring")
-            finally:
-                store.close()
-        return undone
-
-    def _finetune(self, store: Store, entries, device: str, epochs: int | None, progress):
-        from . import retune
-        from .tuning import finetune_recipe, labelled_descriptors
-
-        recipe, encoder = self._bind_recipe(store, device)
-        vecs, kept, embedded, failures = labelled_descriptors(
-            store, recipe, entries, lambda r: encoder or self._encoder(r, device),
-            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
-        tuned_recipe, tuned = finetune_recipe(recipe, kept, vecs, self.weights, device, epochs,
-                                              self.max_pixels, progress)
-        # Every indexed image is embedded again under the tuned recipe (none: the swap is
-        # all there is): resumable, and searches see the old state or the new one whole.
-        retune.begin(store, tuned_recipe)
-        tuned.reembedded, tuned.reembed_failures = self._finish_retune(store, device, tuned_recipe)
-        tuned.embedded, tuned.failures = embedded, failures + tuned.failures
-        return tuned
-
-    def _finish_retune(self, store: Store, device: str, recipe: Recipe | None = None):
-        """Finish a move to fine-tuned weights, begun now or by a run that was stopped."""
-        from . import retune
-
-        if recipe is None and retune.pending(store) is None:
-            return 0, []
-        weights = None  # the tuned weights are found by their checksum
-        return retune.finish(store, lambda r: self._encoder_with(r, weights, device),
-                             batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
-
-    @staticmethod
-    def _encoder_with(recipe: Recipe, weights, device: str):
-        from .encoder import Encoder
-
-        return Encoder(recipe, weights, device)
 
     def _bind_recipe(self, store: Store, device: str):
         """(recipe, an Encoder or None): the stored recipe, or a new database's, now kept."""
