@@ -102,7 +102,11 @@ def main(datasets: str, out: str, verify: bool = False, method: str = "whiten") 
             continue
         if dst not in untuned:
             untuned[dst] = score(droot, verify)
-        tuned = score(droot, verify, tune_on=datasets / src, method=method)
+        try:
+            tuned = score(droot, verify, tune_on=datasets / src, method=method)
+        except RuntimeError as exc:  # refused: say why
+            print(f"| {src} | {dst} | {untuned[dst]['map']:.3f} | refused: {exc} | |", flush=True)
+            continue
         rows.append({"tuned_on": src, "set": dst, "base": untuned[dst], "tuned": tuned})
         print(f"| {src} | {dst} | {untuned[dst]['map']:.3f} | {tuned['map']:.3f} | "
               f"{tuned['map'] - untuned[dst]['map']:+.3f} |", flush=True)

@@ -224,7 +224,7 @@ def test_finetuning_killed_leaves_the_old_descriptors_or_the_new_ones_whole(tmp_
 
     h = Harness(tmp_path, seed=SEED + 8, images=8)
     assert h.baseline().survived
-    h.labelled = labelled_set(tmp_path / "labelled")
+    h.labelled = labelled_set(tmp_path / "labelled", groups=12)
     pristine = tmp_path / "pristine"
     shutil.copytree(h.db.parent, pristine)
     rows, _, recipe, _ = h.read_db()

@@ -74,4 +74,5 @@ def test_the_database_stores_paths_and_image_facts_only(photos, tmp_path):
     assert settings == {"recipe", "generation"}
     # Local features are keypoint positions and descriptors, packed (indexer.local), by image id.
     assert local == {"image_id", "data"}
-    assert tables - {"sqlite_sequence"} == {"images", "settings", "alembic_version", "local_features"}
+    # retuned holds descriptors only while a fine-tuned recipe is being swapped in (indexer.retune).
+    assert tables - {"sqlite_sequence"} == {"images", "settings", "alembic_version", "local_features", "retuned"}

@@ -296,6 +296,7 @@ def test_a_database_from_before_local_features_is_upgraded_and_searched_without_
             del recipe[key]
         con.execute("update settings set value = ? where key = 'recipe'", (json.dumps(recipe),))
         con.execute("drop table local_features")
+        con.execute("drop table retuned")
         con.execute("update alembic_version set version_num = '0001'")
     with Searcher(db) as s:
         assert s.recipe.local_features == "none" and s.verify_depth(None) == 0
@@ -303,5 +304,5 @@ def test_a_database_from_before_local_features_is_upgraded_and_searched_without_
     summary = Indexer(db, workers=0).index([photos])
     assert summary.unchanged == 6
     with sqlite3.connect(db) as con:
-        assert con.execute("select version_num from alembic_version").fetchone()[0] == "0002"
+        assert con.execute("select version_num from alembic_version").fetchone()[0] == "0003"
     assert run("check", "--db", db).exit_code == 0
