@@ -232,9 +232,10 @@ class Tuning:
         return undone
 
     def _finetune(self, store: Store, entries, device: str, epochs: int | None, progress):
-        from . import retune
+        from . import finetune, retune
 
         recipe, encoder = self._bind_recipe(store, device)
+        finetune.check_trainable(recipe, [e.group for e in entries])  # before any work
         vecs, kept, embedded, failures = labelled_descriptors(
             store, recipe, entries, lambda r: encoder or self._encoder(r, device),
             batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
