@@ -134,10 +134,7 @@ def learn(vecs: np.ndarray, kind: str = "center", shrinkage: float = DEFAULT_SHR
     mean = x.mean(axis=0)
     projection = None
     if kind == "pca":
-        eigval, eigvec = np.linalg.eigh(np.cov((x - mean).T))
-        eigval = np.maximum(eigval, 0.0)
-        eigval = (1.0 - shrinkage) * eigval + shrinkage * eigval.mean()
-        projection = (eigvec / np.sqrt(np.maximum(eigval, 1e-12))).astype(np.float32)
+        projection = _inverse_sqrt(np.cov((x - mean).T), shrinkage).astype(np.float32)
     return Whitening(kind, float(shrinkage if kind == "pca" else 1.0), n, learned_at,
                      mean.astype(np.float32), projection)
 
