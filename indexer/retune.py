@@ -32,16 +32,18 @@ CHANGED = "changed on disk while the database was embedded again; the next index
 
 def pending(store: Store) -> Recipe | None:
     """The recipe the database is being moved to, or None."""
-    with store.session() as s:
-        text = store.get_setting(s, PENDING)
-    return Recipe.from_json(text) if text else None
+    return store.recipe(PENDING)
 
 
 def original(store: Store) -> Recipe | None:
     """The recipe before the database was first fine-tuned, or None (never fine-tuned)."""
-    with store.session() as s:
-        text = store.get_setting(s, ORIGINAL)
-    return Recipe.from_json(text) if text else None
+    return store.recipe(ORIGINAL)
+
+
+def _done():
+    """Ids of indexed images with a descriptor under the pending recipe for their content."""
+    return select(RetunedRow.image_id).join(
+        ImageRow, (ImageRow.id == RetunedRow.image_id) & (ImageRow.sha256 == RetunedRow.sha256))
 
 
 def begin(store: Store, recipe: Recipe) -> None:
@@ -57,10 +59,8 @@ def begin(store: Store, recipe: Recipe) -> None:
 def _todo(store: Store) -> list:
     """Indexed images without a descriptor under the pending recipe for their content."""
     with store.session() as s:
-        done = select(RetunedRow.image_id).join(
-            ImageRow, (ImageRow.id == RetunedRow.image_id) & (ImageRow.sha256 == RetunedRow.sha256))
         return s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns, ImageRow.sha256)
-                         .where(ImageRow.status == OK, ImageRow.id.not_in(done))
+                         .where(ImageRow.status == OK, ImageRow.id.not_in(_done()))
                          .order_by(ImageRow.id)).all()
 
 
@@ -89,7 +89,7 @@ def finish(store: Store, make_encoder, *, batch_size: int, workers: int, max_pix
         else:
             failures[r.id] = CHANGED
     log.info("%s: embedding %d images again under the fine-tuned recipe", store.path, len(current))
-    embedded = 0
+    embedded = tried = 0
     if progress:
         progress(0, len(current))
     if current:
@@ -107,8 +107,9 @@ def finish(store: Store, make_encoder, *, batch_size: int, workers: int, max_pix
                                            embedding=np.asarray(res.vector, np.float32).tobytes()))
                         embedded += 1
                 s.commit()
+            tried += len(results)
             if progress:
-                progress(embedded + sum(1 for r in current if r.id in failures), len(current))
+                progress(tried, len(current))
     paths = {r.id: r.path for r in rows}
     _swap(store, recipe, failures)
     for image_id, reason in failures.items():
@@ -121,11 +122,9 @@ def _swap(store: Store, recipe: Recipe, failures: dict[int, str]) -> None:
     with store.session() as s:
         fresh = select(RetunedRow.embedding).where(RetunedRow.image_id == ImageRow.id,
                                                    RetunedRow.sha256 == ImageRow.sha256).scalar_subquery()
-        done = select(RetunedRow.image_id).join(
-            ImageRow, (ImageRow.id == RetunedRow.image_id) & (ImageRow.sha256 == RetunedRow.sha256))
-        s.execute(update(ImageRow).where(ImageRow.status == OK, ImageRow.id.in_(done))
+        s.execute(update(ImageRow).where(ImageRow.status == OK, ImageRow.id.in_(_done()))
                   .values(embedding=fresh), execution_options={"synchronize_session": False})
-        left = s.execute(select(ImageRow.id).where(ImageRow.status == OK, ImageRow.id.not_in(done))).scalars().all()
+        left = s.execute(select(ImageRow.id).where(ImageRow.status == OK, ImageRow.id.not_in(_done()))).scalars().all()
         for image_id in left:
             failures.setdefault(image_id, CHANGED)
             s.execute(update(ImageRow).where(ImageRow.id == image_id)

@@ -259,9 +259,10 @@ class Store:
         else:
             session.add(Setting(key=key, value=value))
 
-    def recipe(self) -> Recipe | None:
+    def recipe(self, key: str = "recipe") -> Recipe | None:
+        """The database's recipe, or another one kept under setting ``key`` (indexer.retune's)."""
         with self.session() as s:
-            text = self.get_setting(s, "recipe")
+            text = self.get_setting(s, key)
         return Recipe.from_json(text) if text else None
 
     def whitening(self):
