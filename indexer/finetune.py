@@ -156,11 +156,12 @@ def train(make_net, gem_p: float, pictures: list[np.ndarray], groups: Sequence[s
     labels = np.asarray(groups, dtype=object).astype(str)
     fit, held = split(labels, rng)
     trial = _Training(make_net(), gem_p, learning_rate, device, seed)
-    validation = [trial.held_out_map([pictures[i] for i in held], labels[held])]
+    held_pictures = [pictures[i] for i in held]
+    validation = [trial.held_out_map(held_pictures, labels[held])]
     epoch = trial.epochs([pictures[i] for i in fit], labels[fit], descriptors[fit], epochs, progress)
     for n in range(1, epochs + 1):
         epoch.run()
-        validation.append(trial.held_out_map([pictures[i] for i in held], labels[held]))
+        validation.append(trial.held_out_map(held_pictures, labels[held]))
         log.info("epoch %d/%d on %d of the groups: loss %.4f, held-out mAP %.3f", n, epochs,
                  len(set(labels[fit])), epoch.losses[-1], validation[-1])
     # Ties go to the later epoch: as good on unseen groups, better on the labelled ones.

@@ -336,6 +336,18 @@ class Store:
                     out[r.id] = (r.path, r.width or 0, r.height or 0)
         return out
 
+    def embeddings_at(self, paths) -> dict[str, np.ndarray]:
+        """Raw descriptors of the indexed images among ``paths``, by path, in chunks that stay
+        under SQLite's variable limit (the rest of the collection is not read)."""
+        paths = sorted(set(paths))
+        out: dict[str, np.ndarray] = {}
+        with self.session() as s:
+            for start in range(0, len(paths), 900):
+                for r in s.execute(select(ImageRow.path, ImageRow.embedding)
+                                   .where(ImageRow.path.in_(paths[start:start + 900]), ImageRow.status == OK)):
+                    out[r.path] = np.frombuffer(r.embedding, dtype=np.float32)
+        return out
+
     def id_of(self, path: str) -> int | None:
         """The id of the indexed image at ``path``, or None."""
         with self.session() as s:

@@ -59,24 +59,6 @@ class Tuned:
                 f"embedded{failed}{again}; {what}{self.description}")
 
 
-def stored_descriptors(store: Store, paths: list[str]) -> dict[str, np.ndarray]:
-    """Raw descriptors of those ``paths`` that the database holds, by path."""
-    ids = {}
-    for p in paths:
-        i = store.id_of(p)
-        if i is not None:
-            ids[i] = p
-    out: dict[str, np.ndarray] = {}
-    if not ids:
-        return out
-    for chunk_ids, vecs in store.embeddings():
-        for i, v in zip(chunk_ids, vecs):
-            p = ids.get(int(i))
-            if p is not None:
-                out[p] = v
-    return out
-
-
 def labelled_descriptors(store: Store, recipe: Recipe, entries: list[Entry], make_encoder, *,
                          batch_size: int, workers: int, max_pixels: int
                          ) -> tuple[np.ndarray, list[Entry], int, list[tuple[str, str]]]:
@@ -89,7 +71,7 @@ def labelled_descriptors(store: Store, recipe: Recipe, entries: list[Entry], mak
     from .pipeline import embed_files
 
     paths = [e.path for e in entries]
-    found = stored_descriptors(store, paths)
+    found = store.embeddings_at(paths)
     rest = [p for p in dict.fromkeys(paths) if p not in found]
     failures: list[tuple[str, str]] = []
     if rest:
@@ -185,10 +167,7 @@ class Tuning:
             pair_count,
         )
 
-        recipe, encoder = self._bind_recipe(store, device)
-        vecs, kept, embedded, failures = labelled_descriptors(
-            store, recipe, entries, lambda r: encoder or self._encoder(r, device),
-            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
+        recipe, vecs, kept, embedded, failures = self._labelled(store, entries, device)
         groups = [e.group for e in kept]
         w = learn_from_groups(vecs, groups, dim=dim,
                               shrinkage=LEARNED_SHRINKAGE if shrinkage is None else shrinkage,
@@ -220,13 +199,14 @@ class Tuning:
                     undone.append(f"the original weights are back ({first.model}, sha256 "
                                   f"{first.weights_sha256[:12]}, GeM p {first.gem_p:g})")
                 stored = store.whitening()
-                if stored is not None and stored.kind == LEARNED or first is not None:
+                learned = stored is not None and stored.kind == LEARNED
+                if learned or first is not None:
                     if store.count(OK) >= CENTER_MIN_IMAGES:
                         self._learn(store, "center")
                     else:
                         self._set_whitening(store, None, forget=True)
-                    if stored is not None and stored.kind == LEARNED:
-                        undone.append("the learned whitening is replaced by the default, centring")
+                if learned:
+                    undone.append("the learned whitening is replaced by the default, centring")
             finally:
                 store.close()
         return undone
@@ -234,11 +214,8 @@ class Tuning:
     def _finetune(self, store: Store, entries, device: str, epochs: int | None, progress):
         from . import finetune, retune
 
-        recipe, encoder = self._bind_recipe(store, device)
-        finetune.check_trainable(recipe, [e.group for e in entries])  # before any work
-        vecs, kept, embedded, failures = labelled_descriptors(
-            store, recipe, entries, lambda r: encoder or self._encoder(r, device),
-            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
+        finetune.check_trainable(self._recipe(store), [e.group for e in entries])  # before any work
+        recipe, vecs, kept, embedded, failures = self._labelled(store, entries, device)
         tuned_recipe, tuned = finetune_recipe(recipe, kept, vecs, self.weights, device, epochs,
                                               self.max_pixels, progress)
         # Every indexed image is embedded again under the tuned recipe (none: the swap is
@@ -248,18 +225,21 @@ class Tuning:
         tuned.embedded, tuned.failures = embedded, failures + tuned.failures
         return tuned
 
+    def _labelled(self, store: Store, entries, device: str):
+        """(recipe, descriptors, entries kept, embedded, failures): the database's recipe (a new
+        one's, now kept), then the labelled images' descriptors under it."""
+        recipe, encoder = self._bind_recipe(store, device)
+        return (recipe, *labelled_descriptors(
+            store, recipe, entries, lambda r: encoder or self._encoder(r, device),
+            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels))
+
     def _finish_retune(self, store: Store, device: str, recipe: Recipe | None = None):
         """Finish a move to fine-tuned weights, begun now or by a run that was stopped."""
         from . import retune
+        from .encoder import Encoder
 
         if recipe is None and retune.pending(store) is None:
             return 0, []
-        weights = None  # the tuned weights are found by their checksum
-        return retune.finish(store, lambda r: self._encoder_with(r, weights, device),
+        # No weights file: the tuned (or, undoing, the original) weights are found by checksum.
+        return retune.finish(store, lambda r: Encoder(r, None, device),
                              batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels)
-
-    @staticmethod
-    def _encoder_with(recipe: Recipe, weights, device: str):
-        from .encoder import Encoder
-
-        return Encoder(recipe, weights, device)
