@@ -8,7 +8,6 @@ is gone, and replaced only by a fresh computation from the same file.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -23,7 +22,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .recipe import Recipe
 from .scan import display_path, file_sha256
 from .store import (FAILED, OK, ImageRow, LocalRow, Store, StoreError, default_db_path, lock_holder, now,
-                    writer_lock)
+                    pack_vector, unpack_vector, writer_lock)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,8 @@ class Report:
     rows: int = 0
     failed_rows: int = 0
     faiss_vectors: int | None = None
+    vector_index: str | None = None  # the index's kind: "exact" or its FAISS key
+    recall: float | None = None  # a compressed index's recall@10 on a sample
     files_checked: int = 0
     recomputed: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -256,21 +257,25 @@ class _Checker:
                 "file", f"{display_path(row.path)}: changed on disk since it was indexed"))
 
     def _faiss(self, rows: dict[int, _Row]) -> None:
-        import faiss
-
         path = vectors.index_path(self.store.path)
         if not path.exists():
             if rows:
                 self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: the FAISS file is missing"))
             return
-        try:
-            index = faiss.read_index(str(path))
-            meta = json.loads(path.with_name(path.name + ".json").read_text())
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: unreadable ({reason})"))
+        index, meta, why = vectors.read(self.store)
+        if index is None:  # unreadable, or not what its sidecar says
+            self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: {why}"))
             return
-        self.report.faiss_vectors = int(index.ntotal)
+        self.report.faiss_vectors = len(index)
+        self.report.vector_index = index.layout.key
+        self._faiss_recipe(meta)
+        faults = [why] if why else []
+        if index.stored_dim == index.space_dim:
+            faults += self._faiss_contents(index, rows)
+        if faults:
+            self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: {'; '.join(faults)}"))
+
+    def _faiss_recipe(self, meta: dict) -> None:
         # Compared as recipes, not text: a sidecar from before a field existed
         # (scales) reads with that field's default.
         faiss_recipe = Recipe.from_json(meta["recipe"]) if meta.get("recipe") else None
@@ -280,39 +285,38 @@ class _Checker:
                              for d in self.faiss_recipe.differences(self.recipe))
             self.fix.rebuild_faiss.append(self.problem(
                 "recipe", f"the database's recipe is not the one its FAISS file was built with ({diff})"))
+
+    def _faiss_contents(self, index: vectors.VectorIndex, rows: dict[int, _Row]) -> list[str]:
+        """Its ids against the database's; an exact index's vectors too, and a compressed
+        one's recall@10 against exact search on a sample."""
         faults = []
-        if meta.get("generation") != self.store.generation():
-            faults.append(f"it is at generation {meta.get('generation')}, the database at "
-                          f"{self.store.generation()}")
-        if index.d != self.recipe.dim:
-            faults.append(f"its vectors have {index.d} dims, the recipe {self.recipe.dim}")
-        else:
-            ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-            position = {int(i): n for n, i in enumerate(ids)}
-            have, want = set(position), set(rows)
-            if len(have) != len(ids):
-                faults.append(f"it holds {len(ids) - len(have)} duplicate ids")
-            if have - want:
-                faults.append(f"it holds {len(have - want)} ids the database does not "
-                              f"(e.g. {min(have - want)})")
-            if want - have:
-                faults.append(f"it lacks {len(want - have)} of the database's images "
-                              f"(e.g. id {min(want - have)})")
-            differ = 0
-            held = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else None
-            for db_ids, db_vecs in self.store.embeddings():
-                for i, vec in zip(db_ids.tolist(), db_vecs):
-                    n = position.get(i)
-                    if n is not None and not np.allclose(held[n], vec, atol=1e-6):
-                        differ += 1
-            if differ:
-                faults.append(f"{differ} of its vectors differ from the database's")
-        if faults:
-            self.fix.rebuild_faiss.append(self.problem("faiss", f"{display_path(path)}: {'; '.join(faults)}"))
+        ids = index.ids()
+        have, want = set(ids.tolist()), set(rows)
+        if len(have) != len(ids):
+            faults.append(f"it holds {len(ids) - len(have)} duplicate ids")
+        if have - want:
+            faults.append(f"it holds {len(have - want)} ids the database does not (e.g. {min(have - want)})")
+        if want - have:
+            faults.append(f"it lacks {len(want - have)} of the database's images (e.g. id {min(want - have)})")
+        if faults or not len(ids):
+            return faults
+        if not index.layout.exact:
+            self.report.recall = vectors.measure_recall(index)
+            if self.report.recall < vectors.TARGET_RECALL:
+                faults.append(f"its recall@10 against exact search is {self.report.recall:.3f}, "
+                              f"below {vectors.TARGET_RECALL}: it needs training again")
+            return faults
+        differ = 0
+        for db_ids, db_vecs in self.store.embeddings():
+            held = index.vectors(db_ids)
+            differ += int((~np.isclose(held, index.space(db_vecs), atol=1e-5).all(axis=1)).sum())
+        if differ:
+            faults.append(f"{differ} of its vectors differ from the database's")
+        return faults
 
     def _stored(self, ids: list[int]) -> dict[int, np.ndarray]:
         with self.store.session() as s:
-            return {r.id: np.frombuffer(r.embedding, np.float32)
+            return {r.id: unpack_vector(r.embedding, self.recipe.dim)
                     for start in range(0, len(ids), 900)
                     for r in s.execute(select(ImageRow.id, ImageRow.embedding)
                                        .where(ImageRow.id.in_(ids[start:start + 900])))}
@@ -409,11 +413,11 @@ class _Checker:
         if fix.reembed:
             self._reembed(rows)
         if fix.drop or fix.reembed or fix.rebuild_faiss or fix.restore_recipe:
-            index = vectors.rebuild(self.store, self.recipe.dim)
+            index = vectors.rebuild(self.store)
             vectors.save(self.store, index, self.store.generation())  # removes leftover temp files
             for p in fix.rebuild_faiss:
                 p.fixed = True
-            self.report.faiss_vectors = int(index.ntotal)
+            self.report.faiss_vectors = len(index)
             self.report.rows = self.store.count(OK)
             self.report.failed_rows = self.store.count(FAILED)
 
@@ -452,7 +456,7 @@ class _Checker:
                     row.status, row.error, row.embedding = FAILED, error, None
                 else:
                     row.status, row.error = OK, None
-                    row.embedding = np.ascontiguousarray(vec, np.float32).tobytes()
+                    row.embedding = pack_vector(vec)
                 # With the row, in its transaction: what the recipe asks for, or nothing.
                 self.store.set_local(s, row_id, result.local if vec is not None else None)
                 if st is not None:
@@ -491,9 +495,10 @@ class _Checker:
 def _embedding_fault(blob: bytes | None, dim: int) -> str | None:
     if blob is None:
         return "indexed, but it has no embedding"
-    if len(blob) != 4 * dim:
-        return f"its embedding has {len(blob) // 4} dims, the recipe {dim}"
-    vec = np.frombuffer(blob, np.float32)
+    try:
+        vec = unpack_vector(blob, dim)
+    except ValueError:
+        return f"its embedding is {len(blob)} bytes, not {dim} dims (float16 or float32)"
     if not np.isfinite(vec).all():
         return "its embedding is not finite"
     norm = float(np.linalg.norm(vec))

@@ -1,4 +1,4 @@
-"""What a database holds: its recipe, tuning, counts, failures and sizes on disk."""
+"""What a database holds: its recipe, tuning, vector index, counts, failures and sizes on disk."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +29,7 @@ def describe(db: str | os.PathLike | None = None) -> dict:
             "counts": {"ok": store.count(OK), "failed": store.count(FAILED)},
             # Their bytes as stored (the database file's pages hold them with a little slack).
             "local_features": {"images": with_local, "bytes": local_bytes},
+            "vector_index": vectors.summary(store),
             "failures": [{"path": p, "reason": r} for p, r in store.failures()],
             "sizes": sizes,
         }

@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 from sqlalchemy import delete, select, update
 
 from . import vectors
 from .recipe import Recipe
 from .scan import display_path
-from .store import FAILED, OK, ImageRow, LocalRow, RetunedRow, Store
+from .store import FAILED, OK, ImageRow, LocalRow, RetunedRow, Store, pack_vector
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def finish(store: Store, make_encoder, *, batch_size: int, workers: int, max_pix
                         failures[row.id] = res.error or "unreadable"
                     else:
                         s.merge(RetunedRow(image_id=row.id, sha256=row.sha256,
-                                           embedding=np.asarray(res.vector, np.float32).tobytes()))
+                                           embedding=pack_vector(res.vector)))
                         embedded += 1
                 s.commit()
             tried += len(results)
@@ -138,4 +137,4 @@ def _swap(store: Store, recipe: Recipe, failures: dict[int, str]) -> None:
         store.forget_whitening(s)  # learned from the old descriptors: meaningless now
         s.commit()
     if store.count(OK):  # the FAISS file, from the new descriptors
-        vectors.save(store, vectors.rebuild(store, recipe.dim), store.generation())
+        vectors.save(store, vectors.rebuild(store), store.generation())

@@ -22,6 +22,37 @@ log = logging.getLogger(__name__)
 OK, FAILED = "ok", "failed"
 
 
+# Descriptors are stored as float16: half the bytes of float32, for a change in
+# cosine of about 1e-4 (bench/SCALE.md). Rows written before are float32; a
+# blob's length says which, so both read the same.
+VECTOR_DTYPE = np.dtype("<f2")
+
+
+def pack_vector(vec: np.ndarray) -> bytes:
+    """A descriptor as the database stores it."""
+    return np.asarray(vec, dtype=np.float32).astype(VECTOR_DTYPE).tobytes()
+
+
+def unpack_vector(blob: bytes, dim: int) -> np.ndarray:
+    """A stored descriptor (float16, or float32 from before) as float32; ValueError if
+    its length fits neither."""
+    if len(blob) == 2 * dim:
+        return np.frombuffer(blob, VECTOR_DTYPE).astype(np.float32)
+    if len(blob) == 4 * dim:
+        return np.frombuffer(blob, "<f4").copy()
+    raise ValueError(f"{len(blob)} bytes is not a {dim}-dim descriptor")
+
+
+def unpack_vectors(blobs, dim: int) -> np.ndarray:
+    """Stored descriptors as an N x dim float32 array, read in one pass when all are float16."""
+    blobs = list(blobs)
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    if all(len(b) == 2 * dim for b in blobs):
+        return np.frombuffer(b"".join(blobs), VECTOR_DTYPE).reshape(len(blobs), dim).astype(np.float32)
+    return np.stack([unpack_vector(b, dim) for b in blobs])
+
+
 class StoreError(Exception):
     """The database cannot be used; str() says why."""
 
@@ -301,7 +332,9 @@ class Store:
 
     # -- reading ----------------------------------------------------------
     def embeddings(self, batch: int = 65536):
-        """Yield (ids int64 array, vectors float32 N x dim) for every indexed image."""
+        """Yield (ids int64 array, vectors float32 N x dim) for every indexed image, in id
+        order, ``batch`` rows at a time (memory bounded by the batch)."""
+        dim = self._dim()
         with self.session() as s:
             last = 0
             while True:
@@ -313,9 +346,48 @@ class Store:
                 if not rows:
                     return
                 ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-                vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+                vecs = unpack_vectors((r[1] for r in rows), dim)
                 last = int(ids[-1])
                 yield ids, vecs
+
+    def _dim(self) -> int:
+        recipe = self.recipe()
+        if recipe is None:
+            raise StoreError(f"{self.path}: the database holds no index yet")
+        return recipe.dim
+
+    def vectors_by_id(self, ids) -> dict[int, np.ndarray]:
+        """Descriptors (float32) of the indexed images among ``ids``, by id, in chunks that
+        stay under SQLite's variable limit."""
+        ids = sorted({int(i) for i in ids})
+        dim = self._dim() if ids else 0
+        out: dict[int, np.ndarray] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 900):
+                rows = s.execute(select(ImageRow.id, ImageRow.embedding).where(
+                    ImageRow.id.in_(ids[start:start + 900]), ImageRow.status == OK)).all()
+                out.update(zip((r[0] for r in rows), unpack_vectors((r[1] for r in rows), dim)))
+        return out
+
+    def ok_ids(self) -> np.ndarray:
+        """Ids of every indexed image, sorted."""
+        with self.session() as s:
+            rows = s.execute(select(ImageRow.id).where(ImageRow.status == OK).order_by(ImageRow.id))
+            return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def ids_under(self, folders) -> np.ndarray:
+        """Ids of the indexed images whose paths lie under any of ``folders`` (absolute),
+        sorted; a range scan of the path index per folder."""
+        out: set[int] = set()
+        with self.session() as s:
+            for folder in folders:
+                base = folder.rstrip(os.sep) or os.sep
+                prefix = base if base.endswith(os.sep) else base + os.sep
+                # Every path that starts with prefix sorts between it and prefix + U+10FFFF.
+                q = select(ImageRow.id).where(ImageRow.status == OK, (ImageRow.path == base) | (
+                    (ImageRow.path >= prefix) & (ImageRow.path < prefix + "\U0010ffff")))
+                out.update(r[0] for r in s.execute(q))
+        return np.array(sorted(out), dtype=np.int64)
 
     def count(self, status: str | None = None) -> int:
         with self.session() as s:
@@ -340,12 +412,13 @@ class Store:
         """Raw descriptors of the indexed images among ``paths``, by path, in chunks that stay
         under SQLite's variable limit (the rest of the collection is not read)."""
         paths = sorted(set(paths))
+        dim = self._dim() if paths else 0
         out: dict[str, np.ndarray] = {}
         with self.session() as s:
             for start in range(0, len(paths), 900):
                 for r in s.execute(select(ImageRow.path, ImageRow.embedding)
                                    .where(ImageRow.path.in_(paths[start:start + 900]), ImageRow.status == OK)):
-                    out[r.path] = np.frombuffer(r.embedding, dtype=np.float32)
+                    out[r.path] = unpack_vector(r.embedding, dim)
         return out
 
     def id_of(self, path: str) -> int | None:

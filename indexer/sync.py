@@ -26,6 +26,8 @@ from .store import (
     StoreError,
     default_db_path,
     now,
+    pack_vector,
+    unpack_vector,
     writer_lock,
 )
 from .tuning import Tuning
@@ -69,8 +71,11 @@ def _hidden_below(path: str, roots: Sequence[str]) -> bool:
     return False
 
 
-def _save(store: Store, index, generation: int) -> None:
-    """Write the FAISS file; a failed write is a StoreError (the database is already saved)."""
+def _save(store: Store, index: vectors.VectorIndex, generation: int, asked: bool = False) -> None:
+    """Write the vector index, first rebuilt if the collection now calls for another kind
+    (``asked``: the choice was given for this run); a failed write is a StoreError (the
+    database is already saved)."""
+    index = vectors.maintain(store, index, asked)
     try:
         vectors.save(store, index, generation)
     except OSError as exc:
@@ -106,7 +111,10 @@ class Indexer(Tuning):
                  workers: int | None = None, include_hidden: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False,
                  scales: Sequence[float] | None = None, whiten: str | None = "auto",
-                 local_features: str | None = None, keypoints: int | None = None):
+                 local_features: str | None = None, keypoints: int | None = None,
+                 index: str | None = None, memory: int | None = None):
+        """``index``: the vector index, "auto" (by size and ``memory``, bytes of RAM for
+        it), "exact" or a FAISS factory key with IVF; None keeps the database's choice."""
         self.db = Path(db).expanduser() if db else default_db_path()
         self.options = dict(model=model, layer=layer, pooling=pooling, gem_p=gem_p,
                             image_size=image_size, scales=tuple(scales) if scales else None,
@@ -114,6 +122,9 @@ class Indexer(Tuning):
         if whiten not in ("auto", None, "none", "center", "pca"):
             raise ValueError(f"unknown whitening {whiten!r}; use auto, none, center or pca")
         self.whiten_mode = whiten
+        if memory is not None and memory < 1:
+            raise ValueError("the memory budget must be positive")
+        self.index_choice, self.memory = index, memory
         self.weights = weights
         self.device = device
         if batch_size < 1:
@@ -221,14 +232,13 @@ class Indexer(Tuning):
     @staticmethod
     def _set_whitening(store: Store, whitening, forget: bool = False) -> None:
         """Store ``whitening`` (None: off for good), or with ``forget`` none at all, as if never set."""
-        before = store.generation()
         with store.session() as s:
             if forget:
                 store.forget_whitening(s)
             else:
                 store.set_whitening(s, whitening)
             s.commit()
-        vectors.carry_over(store, before)
+        vectors.update(store)
 
     def _learn(self, store: Store, kind: str, shrinkage: float | None = None):
         from .whitening import DEFAULT_SHRINKAGE, learn
@@ -292,6 +302,9 @@ class Indexer(Tuning):
     def _index(self, store: Store, roots: list[str], device: str,
                progress: Progress | None) -> Summary:
         recipe, encoder = self._bind_recipe(store, device)
+        asked = (self.index_choice, self.memory) != (None, None)
+        if asked:
+            vectors.set_choice(store, self.index_choice, self.memory, recipe.dim)
         summary = Summary()
         unlisted: set[str] = set()
         files = {f.path: f for f in scan(roots, include_hidden=self.include_hidden,
@@ -320,8 +333,8 @@ class Indexer(Tuning):
         if not files:
             log.warning("no image files under %s", ", ".join(map(display_path, roots)))
         if not candidates and not missing:
-            if not vectors.is_current(store):  # rebuild and save a stale FAISS file
-                _save(store, vectors.load(store, recipe.dim, save_rebuilt=False), store.generation())
+            if asked or not vectors.is_current(store):  # rebuild and save a stale FAISS file
+                _save(store, vectors.load(store, save_rebuilt=False), store.generation(), asked)
             return summary
 
         hashes, unreadable = self._hash(candidates)
@@ -342,7 +355,7 @@ class Indexer(Tuning):
             if row.sha256:
                 missing_by_sha.setdefault(row.sha256, []).append(row)
 
-        index = vectors.load(store, recipe.dim)
+        index = vectors.load(store)
         generation = store.generation()
         to_embed: list[FileStat] = []
         with store.session() as s:
@@ -373,14 +386,14 @@ class Indexer(Tuning):
                 elif sha in known and (row is None or row.id != known[sha][0]):
                     # Same bytes as an indexed image: same descriptor, no need to embed.
                     _, embedding, width, height, local = known[sha]
-                    vec = np.frombuffer(embedding, dtype=np.float32)[None]
+                    vec = unpack_vector(embedding, recipe.dim)[None]
                     target = self._upsert(s, row, f, sha, OK, None, embedding, width, height)
                     s.flush()
                     if recipe.has_local:
                         store.set_local(s, target.id, local)
                     if row is not None:
-                        vectors.remove(index, [target.id])
-                    index.add_with_ids(vec, np.array([target.id], dtype=np.int64))
+                        index.remove([target.id])
+                    index.add([target.id], vec)
                     changed_vectors = True
                     if row is None:
                         summary.added += 1
@@ -392,7 +405,7 @@ class Indexer(Tuning):
                 ids = [r.id for r in missing.values()]
                 for chunk in range(0, len(ids), 500):
                     s.execute(delete(ImageRow).where(ImageRow.id.in_(ids[chunk:chunk + 500])))
-                vectors.remove(index, ids)
+                index.remove(ids)
                 summary.removed += len(ids)
                 changed_vectors = True
             if changed_vectors or summary.failures:
@@ -403,7 +416,7 @@ class Indexer(Tuning):
         if to_embed:
             generation = self._embed(store, encoder or (lambda: self._encoder(recipe, device)),
                                      recipe, to_embed, by_path, hashes, index, summary, progress)
-        _save(store, index, generation)
+        _save(store, index, generation, asked)
         return summary
 
     def _hash(self, files: list[FileStat]) -> tuple[dict[str, str], dict[str, str]]:
@@ -440,7 +453,7 @@ class Indexer(Tuning):
         db_row = self._upsert(s, row, f, sha, FAILED, reason, None, None, None)
         if row is not None and row.status == OK:
             Store.set_local(s, db_row.id, None)
-            vectors.remove(index, [db_row.id])
+            index.remove([db_row.id])
 
     def _encoder(self, recipe: Recipe, device: str):
         from .encoder import Encoder
@@ -474,9 +487,9 @@ class Indexer(Tuning):
                         sha = None if _access_failure(r.error) else hashes[f.path]
                         self._fail(s, row, f, sha, r.error, index)
                         continue
-                    vec = np.ascontiguousarray(r.vector, dtype=np.float32)
-                    db_row = self._upsert(s, row, f, hashes[f.path], OK, None, vec.tobytes(),
-                                          r.width, r.height)
+                    blob = pack_vector(r.vector)
+                    vec = unpack_vector(blob, recipe.dim)  # the index holds what the database does
+                    db_row = self._upsert(s, row, f, hashes[f.path], OK, None, blob, r.width, r.height)
                     s.flush()
                     if recipe.has_local:  # in the row's transaction: both or neither
                         store.set_local(s, db_row.id, r.local)
@@ -491,9 +504,9 @@ class Indexer(Tuning):
                 store.bump_generation(s)
                 s.commit()
                 generation = store.generation(s)
-            vectors.remove(index, replaced)
+            index.remove(replaced)
             if new_ids:
-                index.add_with_ids(np.stack(new_vecs), np.array(new_ids, dtype=np.int64))
+                index.add(new_ids, np.stack(new_vecs))
             done += len(results)
             if progress:
                 progress(done, len(files))

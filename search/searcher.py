@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 Query = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
 Box = tuple[float, float, float, float]
+Folders = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]], None]
 DEFAULT_ALPHA = 3.0
 # Alpha-query expansion by default, with the top 2 results: neighbours weighted
 # by similarity**3 add little unless they are close. More neighbours help
@@ -80,6 +81,7 @@ class Searcher:
             self.device = resolve_device(device)
             self._lock = threading.Lock()
             self._generation = None
+            self._under_cache: dict = {}
             self._refresh()
         except Exception:
             self.store.close()
@@ -97,7 +99,7 @@ class Searcher:
         return self._refresh(during_run=True)
 
     def _refresh(self, during_run: bool = False) -> bool:
-        """Reload the FAISS index when an index run has changed the database since."""
+        """Reload the vector index when an index run has changed the database since."""
         generation = self.store.generation()
         if generation == self._generation:
             return False
@@ -109,13 +111,16 @@ class Searcher:
                     # An index run is under way: serve the index we have, rather than
                     # rebuild after each of its batches; it saves a new one at the end.
                     return False
-                cpu = vectors.load(self.store, self.recipe.dim, save_rebuilt=writer)
-                whitening = self.store.whitening()
-            cpu = self._transformed(cpu, whitening)
-            # One assignment: a search in another thread sees the old state or the
-            # new one whole, never a new whitening with an old index.
-            self._loaded = _Loaded(whitening, cpu, vectors.to_device(cpu, self.device))
-            self._generation = generation
+                # A reader never waits for a run: an earlier state on disk will do.
+                index = vectors.load(self.store, save_rebuilt=writer, mmap=True,
+                                     stale_ok=not writer and not during_run)
+            if self.dba:
+                index = index.augmented(self.dba, self.alpha)
+            # One assignment: a search in another thread sees the old index or the new
+            # one whole, each with the whitening its vectors have.
+            self._loaded = index.to_device(self.device)
+            self._generation = index.generation
+            self._under_cache = {}
             return True
 
     @property
@@ -125,31 +130,8 @@ class Searcher:
 
     @property
     def index(self):
-        """The FAISS index searched (whitened, augmented; on the GPU when there is one)."""
-        return self._loaded.index
-
-    def _transformed(self, raw, whitening):
-        """The index to search: the stored descriptors whitened and augmented, as asked."""
-        if whitening is None and not self.dba:
-            return raw
-        import faiss
-
-        n = raw.ntotal
-        ids = faiss.vector_to_array(raw.id_map).astype(np.int64)
-        x = raw.index.reconstruct_n(0, n) if n else np.zeros((0, self.recipe.dim), np.float32)
-        if whitening is not None:
-            x = whitening.apply(x)
-        if self.dba and n > 1:
-            # Exact n x n search: fine for a desktop collection, slow for millions.
-            flat = faiss.IndexFlatIP(x.shape[1])
-            flat.add(x)
-            sims, nn = flat.search(x, min(self.dba + 1, n))  # the first is the image itself
-            w = np.maximum(sims, 0) ** self.alpha
-            x = l2n((x[nn] * w[..., None]).sum(axis=1)).astype(np.float32)
-        index = vectors.new_index(x.shape[1])
-        if n:
-            index.add_with_ids(np.ascontiguousarray(x), ids)
-        return index
+        """The vector index searched (indexer.vectors.VectorIndex)."""
+        return self._loaded
 
     def __enter__(self) -> "Searcher":
         return self
@@ -163,7 +145,7 @@ class Searcher:
         self.store.close()
 
     def __len__(self) -> int:
-        return int(self._loaded.cpu.ntotal)
+        return len(self._loaded)
 
     @property
     def encoder(self):
@@ -196,7 +178,7 @@ class Searcher:
 
     def search(self, query: Query, k: int = 10, *, qe: int = DEFAULT_QE, box: Box | None = None,
                rotations: bool = False, flip: bool = False, exclude: Iterable[int] = (),
-               verify: int | None = None) -> list[Match]:
+               verify: int | None = None, under: Folders = None) -> list[Match]:
         """The ``k`` indexed images most similar to ``query``, best first.
 
         ``qe``: alpha-query expansion with that many top results (0: none). ``rotations``:
@@ -206,7 +188,8 @@ class Searcher:
         the expansion (for example the query's own entry). ``verify``: re-rank
         that many of the best global results by geometric verification of
         local features (0: none; None: search.verify.DEFAULT_VERIFY when the
-        database has local features, else none).
+        database has local features, else none). ``under``: only images whose paths
+        lie under this folder (or any of these folders).
         """
         depth = self.verify_depth(verify)
         if isinstance(query, np.ndarray) and query.ndim == 1:
@@ -222,14 +205,16 @@ class Searcher:
             turns = [(r, f) for r in (ROTATIONS if rotations else (0,)) for f in ((False, True) if flip else (False,))]
             vecs = [self.encoder.embed(_turn(decoded.pixels, r, f))[0] for r, f in turns]
         exclude = set(map(int, exclude))
-        ranked = self._ranked(np.stack(vecs), max(k, depth), qe, exclude, merge=True)[0]
+        allowed = self._allowed(under)
+        ranked = self._ranked(np.stack(vecs), max(k, depth), qe, exclude, merge=True, allowed=allowed)[0]
         if depth:
             nominees = [] if rotations else self._turned_nominees(
-                decoded.pixels, exclude | {m.id for m, _ in ranked[:depth]})
+                decoded.pixels, exclude | {m.id for m, _ in ranked[:depth]}, allowed)
             ranked = self._verified(keypoints.result(), ranked, depth, nominees)
         return [m for m, _ in ranked[:k]]
 
-    def _turned_nominees(self, pixels: np.ndarray, exclude: set[int]) -> list[tuple[Match, float]]:
+    def _turned_nominees(self, pixels: np.ndarray, exclude: set[int],
+                         allowed: np.ndarray | None) -> list[tuple[Match, float]]:
         """The best global matches of the query turned by 90, 180 and 270 degrees, to be
         verified too: a photo stored sideways (no EXIF orientation) is far down the
         upright query's list. At half size, a quarter of the work of a full query."""
@@ -242,7 +227,7 @@ class Searcher:
                                                           Image.Resampling.BILINEAR))
         sideways = self.encoder.embed(np.stack([_turn(small, 90, False), _turn(small, 270, False)]))
         vecs = np.concatenate([sideways, self.encoder.embed(_turn(small, 180, False))])
-        return self._ranked(vecs, TURNED_NOMINEES, 0, exclude, merge=True)[0]
+        return self._ranked(vecs, TURNED_NOMINEES, 0, exclude, merge=True, allowed=allowed)[0]
 
     def _extractor(self):
         with self._lock:
@@ -314,16 +299,33 @@ class Searcher:
                           gray=self.recipe.local_size if local else None)
 
     def search_vectors(self, vecs: np.ndarray, k: int = 10, *, qe: int = DEFAULT_QE,
-                       exclude: Iterable[int] = (), merge: bool = False) -> list[list[Match]]:
+                       exclude: Iterable[int] = (), merge: bool = False,
+                       under: Folders = None) -> list[list[Match]]:
         """Nearest neighbours for each row of ``vecs`` (N x dim descriptors as ``embed`` gives).
 
         With ``merge``, the rows are views of one query (turned, mirrored): one
         result list, each image with its best score over the rows.
         """
-        return [[m for m, _ in row] for row in self._ranked(vecs, k, qe, {int(i) for i in exclude}, merge)]
+        return [[m for m, _ in row] for row in self._ranked(vecs, k, qe, {int(i) for i in exclude}, merge,
+                                                            self._allowed(under))]
+
+    def _allowed(self, under: Folders) -> np.ndarray | None:
+        """Sorted ids of the images under the folder(s) ``under`` (None: no filter)."""
+        if under is None:
+            return None
+        folders = [under] if isinstance(under, (str, os.PathLike)) else list(under)
+        if not folders:
+            return None
+        key = tuple(sorted(os.path.abspath(os.path.expanduser(os.fspath(f))) for f in folders))
+        self._refresh()
+        cache = self._under_cache  # emptied by a refresh, so ids are always current
+        if key not in cache:
+            cache.clear()
+            cache[key] = self.store.ids_under(key)
+        return cache[key]
 
     def _ranked(self, vecs: np.ndarray, k: int, qe: int, exclude: set[int],
-                merge: bool) -> list[list[tuple[Match, float]]]:
+                merge: bool, allowed: np.ndarray | None = None) -> list[list[tuple[Match, float]]]:
         """search_vectors' results, each with the similarity it was ranked by (that of the
         expanded query, which ``Match.score``, the plain cosine, is not)."""
         if k < 1:
@@ -335,15 +337,14 @@ class Searcher:
         vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
         if vecs.shape[1] != self.recipe.dim:
             raise ValueError(f"descriptors have {vecs.shape[1]} dims, the index {self.recipe.dim}")
-        total = int(state.cpu.ntotal)
-        if total == 0:
+        total = len(state) if allowed is None else len(allowed)
+        if total == 0 or not len(state):
             return [[]] if merge else [[] for _ in vecs]
-        q0 = (state.whitening.apply(vecs) if state.whitening is not None
-              else np.ascontiguousarray(l2n(vecs)))
+        q0 = state.space(vecs)
         want = min(total, k + len(exclude))
-        scores, ids = state.search(q0, max(want, min(total, qe + len(exclude))))
+        scores, ids = state.search(q0, max(want, min(total, qe + len(exclude))), allowed)
         if qe:
-            scores, ids = state.search(state.expand(q0, scores, ids, qe, exclude, self.alpha), want)
+            scores, ids = state.search(_expanded(state, q0, scores, ids, qe, exclude, self.alpha), want, allowed)
         if merge:
             best: dict[int, float] = {}
             for srow, irow in zip(scores, ids):
@@ -355,7 +356,7 @@ class Searcher:
             scores = np.array([[best[i] for i in order]], dtype=np.float32)
         # Ranked by the expanded query and the best view, but the score shown is
         # the cosine between the query as given and the image: a copy scores 1.
-        cosines = (np.stack([state.cosines(q0, row) if merge else state.cosines(q0[j:j + 1], row)
+        cosines = (np.stack([_cosines(state, q0, row) if merge else _cosines(state, q0[j:j + 1], row)
                              for j, row in enumerate(ids)]) if qe or merge else scores)
         return self._matches(cosines, scores, ids, k, exclude)
 
@@ -383,37 +384,24 @@ class Searcher:
         return self.store.id_of(os.path.abspath(os.fspath(path)))
 
 
-@dataclass(frozen=True)
-class _Loaded:
-    """What one refresh loaded: searched together, replaced together."""
+def _expanded(index, q, scores, ids, n: int, exclude: set[int], alpha: float) -> np.ndarray:
+    """Alpha-query expansion: the query plus its top ``n`` results weighted by score**alpha."""
+    out = q.astype(np.float32).copy()
+    for row, (srow, irow) in enumerate(zip(scores, ids)):
+        kept = [j for j, i in enumerate(irow) if i >= 0 and int(i) not in exclude][:n]
+        if kept:
+            weights = np.maximum(srow[kept], 0.0) ** alpha
+            out[row] += weights @ index.vectors(irow[kept])
+    return np.ascontiguousarray(l2n(out))
 
-    whitening: object
-    cpu: object  # the FAISS index in memory
-    index: object  # the same on the GPU, or ``cpu``
 
-    def search(self, q: np.ndarray, k: int):
-        # FAISS on the GPU answers at most 2048 neighbours; the CPU copy has no limit.
-        index = self.index if k <= 2048 else self.cpu
-        return index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-
-    def expand(self, q, scores, ids, n: int, exclude: set[int], alpha: float) -> np.ndarray:
-        """Alpha-query expansion: the query plus its top ``n`` results weighted by score**alpha."""
-        out = q.astype(np.float32).copy()
-        for row, (srow, irow) in enumerate(zip(scores, ids)):
-            kept = [j for j, i in enumerate(irow) if i >= 0 and int(i) not in exclude][:n]
-            if kept:
-                weights = np.maximum(srow[kept], 0.0) ** alpha
-                out[row] += weights @ self.cpu.reconstruct_batch(irow[kept])
-        return np.ascontiguousarray(l2n(out))
-
-    def cosines(self, q0: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Best cosine over the rows of ``q0`` for each id (-inf for -1)."""
-        valid = ids >= 0
-        out = np.full(len(ids), -np.inf, dtype=np.float32)
-        if valid.any():
-            x = self.cpu.reconstruct_batch(ids[valid])
-            out[valid] = (x @ q0.T).max(axis=1)
-        return out
+def _cosines(index, q0: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Best cosine over the rows of ``q0`` for each id (-inf for -1)."""
+    valid = ids >= 0
+    out = np.full(len(ids), -np.inf, dtype=np.float32)
+    if valid.any():
+        out[valid] = (index.vectors(ids[valid]) @ q0.T).max(axis=1)
+    return out
 
 
 ROTATIONS = (0, 90, 180, 270)

@@ -192,3 +192,38 @@ def photograph(picture: Image.Image, corners, background: Image.Image,
     scene = background.convert("RGBA")
     scene.alpha_composite(warped)
     return scene.convert("RGB").filter(ImageFilter.GaussianBlur(blur))
+
+
+def vector_index_of(db: Path):
+    """The vector index on disk beside ``db`` as it is (indexer.vectors.VectorIndex), with its
+    store, which the caller closes; fails the test when it does not match the database."""
+    from indexer import vectors
+    from indexer.store import Store
+
+    store = Store(db, create=False)
+    index, _, why = vectors.read(store)
+    assert index is not None and why is None, why
+    return index, store
+
+
+def index_agrees_with_db(db: Path) -> list[int]:
+    """The vector index on disk holds exactly the database's descriptors (whitened as the
+    index holds them), under their ids; returns the ids."""
+    import sqlite3
+    from contextlib import closing
+
+    from indexer.store import unpack_vector
+
+    index, store = vector_index_of(db)
+    try:
+        ids = index.ids()
+        with closing(sqlite3.connect(db)) as con:
+            rows = con.execute("select id, embedding from images where status='ok' order by id").fetchall()
+        assert sorted(ids.tolist()) == [r[0] for r in rows]
+        if rows and index.layout.exact:
+            held = index.vectors([r[0] for r in rows])
+            want = index.space(np.stack([unpack_vector(r[1], index.dim) for r in rows]))
+            assert np.array_equal(held, want)
+        return sorted(ids.tolist())
+    finally:
+        store.close()

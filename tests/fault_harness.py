@@ -296,6 +296,14 @@ def child_main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------
 # The parent: an image folder, a database, runs, checks.
 # ---------------------------------------------------------------------------------------
+def _descriptor(blob: bytes | None):
+    """A stored descriptor as float32 (float16 in the database; float32 before)."""
+    import numpy as np
+
+    blob = blob or b""
+    return np.frombuffer(blob, "<f2" if len(blob) == 2 * 1280 else "<f4").astype(np.float32)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -647,9 +655,12 @@ class Harness:
             con.close()
 
     def read_faiss(self):
-        """(ids, vectors, meta, problem); ids None when there is no FAISS file."""
-        import faiss
-        import numpy as np
+        """(ids, vectors, meta, problem) of the vector index on disk, read through
+        indexer.vectors; ids None when there is no FAISS file, vectors None when the
+        index is compressed (its vectors are codes). ``self.space`` then maps stored
+        descriptors to what the index should hold."""
+        from indexer import vectors
+        from indexer.store import Store, StoreError
 
         path = self.db.with_name(self.db.name + ".faiss")
         meta_path = self.db.with_name(self.db.name + ".faiss.json")
@@ -662,12 +673,18 @@ class Harness:
         if not path.exists():
             return None, None, meta, None
         try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as exc:
-            return None, None, meta, f"torn FAISS file: {str(exc).splitlines()[-1][:120]}"
-        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        vecs = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
-        return ids, vecs, meta, None
+            store = Store(self.db, create=False)
+        except StoreError as exc:
+            return None, None, meta, f"database cannot be opened: {exc}"
+        try:
+            index, _, why = vectors.read(store)
+            if index is None:
+                return None, None, meta, f"torn FAISS file: {why}"
+            ids = index.ids()
+            self.space = index.space
+            return ids, index.vectors(ids) if index.layout.exact else None, meta, None
+        finally:
+            store.close()
 
     def temp_files(self) -> list[str]:
         return sorted(p.name for p in self.db.parent.glob(f".{self.db.name}*.tmp"))
@@ -687,7 +704,7 @@ class Harness:
         for r in rows.values():
             if r["status"] == "ok":
                 vec, err, local = refs.get(r["sha256"], (None, "no sha256", None))
-                got = np.frombuffer(r["embedding"] or b"", dtype=np.float32)
+                got = _descriptor(r["embedding"])
                 if vec is None:
                     issues.append(f"id {r['id']} ok but its content does not decode ({err})")
                 elif got.shape != vec.shape or not np.allclose(got, vec, atol=1e-4):
@@ -720,20 +737,25 @@ class Harness:
                            for x in self._faiss_vs_db(ids, vecs, ok)]
         return issues
 
-    @staticmethod
-    def _faiss_vs_db(ids, vecs, ok) -> list[str]:
-        import numpy as np
-
+    def _faiss_vs_db(self, ids, vecs, ok) -> list[str]:
         out = []
         got = set(ids.tolist())
         if got != set(ok):
             out.append(f"FAISS ids differ from db ids ({len(got - set(ok))} extra, "
                        f"{len(set(ok) - got)} missing)")
         for i, rid in enumerate(ids.tolist()):
-            if rid in ok and not np.array_equal(vecs[i], np.frombuffer(ok[rid]["embedding"], np.float32)):
+            if vecs is not None and rid in ok and not self._holds(vecs[i], ok[rid]["embedding"]):
                 out.append(f"FAISS vector of id {rid} differs from the db's")
                 break
         return out
+
+    def _holds(self, held, blob) -> bool:
+        """Whether ``held`` (a vector of the index) is the stored descriptor ``blob`` as the
+        index should hold it (whitened; in a batch the BLAS may round differently)."""
+        import numpy as np
+
+        want = self.space(_descriptor(blob))[0]
+        return held.shape == want.shape and np.allclose(held, want, atol=1e-6)
 
     def check_partial(self, before: dict, files_now: dict[str, str]) -> list[str]:
         """After a faulty run: the committed state is intact (no row of a file left untouched
@@ -768,7 +790,7 @@ class Harness:
         good = {p for p, sha in files.items() if refs[sha][0] is not None}
         out.expected, out.failed_files = len(good), len(files) - len(good)
         ids, vecs, meta, _ = self.read_faiss()
-        faiss_vec = {} if ids is None else {int(i): vecs[k] for k, i in enumerate(ids)}
+        faiss_vec = {} if ids is None else {int(i): None if vecs is None else vecs[k] for k, i in enumerate(ids)}
         out.in_db = sum(1 for r in under.values() if r["status"] == "ok")
         out.in_faiss = 0 if ids is None else len(ids)
         lost = 0
@@ -787,8 +809,9 @@ class Harness:
                 if r["status"] != "failed":
                     issues.append(f"{name} does not decode ({err}) but is {r['status']}")
                 continue
-            stored = np.frombuffer(r["embedding"] or b"", np.float32)
-            in_faiss = r["id"] in faiss_vec and np.array_equal(faiss_vec[r["id"]], stored)
+            stored = _descriptor(r["embedding"])
+            in_faiss = r["id"] in faiss_vec and (faiss_vec[r["id"]] is None
+                                                 or self._holds(faiss_vec[r["id"]], r["embedding"]))
             if r["status"] != "ok" or stored.shape != vec.shape or not np.allclose(stored, vec, atol=1e-4):
                 issues.append(f"{name}: {r['status']}, descriptor wrong or missing")
                 lost += 1

@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import indexer.encoder
-from conftest import save_photo
+from conftest import index_agrees_with_db, save_photo
 from indexer import Indexer, vectors
 from search import Searcher
 
@@ -32,15 +31,7 @@ def counts(s):
 
 def faiss_agrees_with_db(db: Path) -> None:
     """The FAISS file on disk holds exactly the database's descriptors, under their ids."""
-    import faiss
-
-    index = faiss.read_index(str(vectors.index_path(db)))
-    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    with sqlite3.connect(db) as con:
-        rows = con.execute("select id, embedding from images where status='ok' order by id").fetchall()
-    assert sorted(ids.tolist()) == [r[0] for r in rows]
-    for rid, blob in rows:
-        assert np.array_equal(index.reconstruct(rid), np.frombuffer(blob, dtype=np.float32))
+    index_agrees_with_db(db)
 
 
 def test_second_run_embeds_nothing_and_loads_no_model(photos, db, monkeypatch):
@@ -170,7 +161,7 @@ def test_faiss_file_is_rebuilt_when_it_disagrees(photos, db, caplog):
     with Searcher(db) as s:
         assert len(s) == 6
         assert s.search(photos / "p0.jpg", k=1)[0].score > 0.999
-    assert "rebuilding the FAISS index" in caplog.text
+    assert "rebuilding the vector index" in caplog.text
     # A stale but readable file (older generation) is rebuilt too.
     stale = faiss_path.read_bytes(), faiss_path.with_name(faiss_path.name + ".json").read_text()
     save_photo(photos / "late.jpg", seed=77)

@@ -17,13 +17,12 @@ import threading
 from contextlib import closing
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import make_photo, run_unprivileged, save_photo
-from indexer import pipeline, sync, vectors
+from conftest import index_agrees_with_db, make_photo, run_unprivileged, save_photo
+from indexer import pipeline, sync
 from indexer.scan import display_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +55,7 @@ def ok_paths(db: Path) -> set[str]:
 
 
 def faiss_matches_db(db: Path) -> None:
-    import faiss
-
-    idx = faiss.read_index(str(vectors.index_path(db)))
-    ids = sorted(faiss.vector_to_array(idx.id_map).astype(np.int64).tolist())
-    with closing(sqlite3.connect(db)) as con:
-        assert ids == [r[0] for r in con.execute("select id from images where status='ok' order by id")]
+    index_agrees_with_db(db)
 
 
 def message_lines(stderr: str) -> list[str]:

@@ -277,7 +277,7 @@ def test_centring_is_learned_stored_and_applied_to_queries(sixty, tmp_path):
         assert s.whitening is not None and s.whitening.kind == "center" and s.whitening.images == 70
         raw = np.concatenate([v for _, v in s.store.embeddings()])
         assert np.linalg.norm(raw.mean(0)) > 0.5  # CNN descriptors share a large common part
-        stored = s.index.index.reconstruct_n(0, len(s))
+        stored = s.index.vectors(s.index.ids())
         assert np.linalg.norm(stored.mean(0)) < 0.2  # centred, then normalised
         top = s.search(sixty / "05.png", k=2, qe=0)
         assert top[0].path == str(sixty / "05.png") and top[0].score > 0.999
