@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -114,6 +115,15 @@ def _scales(ctx, param, text: str | None) -> tuple[float, ...] | None:
     return _numbers(text)
 
 
+def _size(ctx, param, text: str | None) -> int | None:
+    from indexer.vectors import parse_memory
+
+    try:
+        return None if text is None else parse_memory(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _box(ctx, param, text: str | None):
     if text is None:
         return None
@@ -211,8 +221,14 @@ def query_options(f):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option("--retry-failed", is_flag=True, help="Try again the files that failed before.")
+@click.option("--index", "index_choice", metavar="auto|exact|KEY",
+              help="The vector index: auto (exact while small, then IVF-PQ within --memory), exact, "
+                   "or a FAISS factory key with IVF; kept for later runs [default: auto].")
+@click.option("--memory", callback=_size, metavar="SIZE",
+              help="RAM the vector index may take, for auto (e.g. 2G); kept for later runs [default: 4G].")
 def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
-          local_features, keypoints, batch_size, workers, device, hidden, retry_failed) -> None:
+          local_features, keypoints, batch_size, workers, device, hidden, retry_failed,
+          index_choice, memory) -> None:
     """Index the images under ROOT... (again: only what changed)."""
     from indexer import Indexer
     from indexer.scan import display_path
@@ -222,7 +238,8 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, 
                           gem_p=gem_p, image_size=image_size, scales=scales, whiten=whiten,
                           local_features=local_features, keypoints=keypoints,
                           device=device, batch_size=batch_size, workers=workers,
-                          include_hidden=hidden, retry_failed=retry_failed)
+                          include_hidden=hidden, retry_failed=retry_failed,
+                          index=index_choice, memory=memory)
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -278,7 +295,9 @@ def _query_paths(images: tuple[str, ...]):
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
 @query_options
 @click.option("--box", callback=_box, help="Query by a region of the image: X0,Y0,X1,Y1 in pixels (upright image).")
-def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, verify, box) -> None:
+@click.option("--under", multiple=True, type=click.Path(), metavar="FOLDER",
+              help="Only results under this folder (repeat for several).")
+def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, verify, box, under) -> None:
     """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin).
 
     The table shows rank, cosine similarity, verified inliers (blank: not
@@ -292,7 +311,8 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, ver
     from search.searcher import DEFAULT_QE
 
     failures = 0
-    options = dict(qe=DEFAULT_QE if qe is None else qe, rotations=rotations, flip=flip, box=box)
+    options = dict(qe=DEFAULT_QE if qe is None else qe, rotations=rotations, flip=flip, box=box,
+                   under=under or None)
     try:
         with Searcher(db, device=device, weights=weights, dba=dba) as searcher:
             if not len(searcher):
@@ -447,6 +467,58 @@ def whiten(db, kind, shrinkage) -> None:
     click.echo(w.describe() if w is not None else "whitening removed" + later, err=True)
 
 
+def _vector_index_line(v: dict) -> str:
+    if v["key"] == "exact":
+        kind = "exact search"
+    else:
+        recall = f"{v['recall']:.3f}" if v.get("recall") is not None else "not measured"
+        kind = (f"{v['key']} (trained on {v['trained_on']} images, nprobe {v['nprobe']}, "
+                f"recall@10 {recall})")
+    stale = "" if v["current"] else "; the file is behind the database and is rebuilt on the next open"
+    return f"{kind}; chosen by {v['choice']} within {v['memory'] / 2**30:.1f} GiB{stale}"
+
+
+@main.command("export")
+@click.argument("out", type=click.Path())
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+def export_(out, db) -> None:
+    """Write the database's embeddings to Parquet: OUT.parquet, or a folder of parts."""
+    from indexer.exchange import export
+    from indexer.store import Store, default_db_path
+
+    try:
+        store = Store(db or default_db_path(), create=False)
+        try:
+            done = export(store, Path(out))
+        finally:
+            store.close()
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    click.echo(f"{done.rows} images exported to {len(done.files)} file{'s' * (len(done.files) != 1)}", err=True)
+
+
+@main.command("import")
+@click.argument("source", type=click.Path())
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+def import_(source, db) -> None:
+    """Add the embeddings of a Parquet file, or of a folder's *.parquet files, made by
+    'lookalike export' (or another tool) with the database's recipe."""
+    from indexer.exchange import import_embeddings
+    from indexer.store import Store, default_db_path
+
+    try:
+        store = Store(db or default_db_path())
+        try:
+            done = import_embeddings(store, Path(source))
+        finally:
+            store.close()
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    for where, reason in done.failed:
+        click.echo(f"failed: {where}: {reason}", err=True)
+    click.echo(done.line(), err=True)
+
+
 @main.command()
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print as one JSON object.")
@@ -466,6 +538,7 @@ def info(db, as_json) -> None:
     for key, value in (data["recipe"] or {}).items():
         click.echo(f"{key:<10} {value}")
     click.echo(f"whitening  {data['whitening'] or 'none'}")
+    click.echo(f"vectors    {_vector_index_line(data['vector_index'])}")
     if data["tuned_weights"]:
         click.echo(f"tuned      fine-tuned weights in {data['tuned_weights']}")
     c = data["counts"]
@@ -505,6 +578,8 @@ def check(db, repair, sample, everything, as_json, device, weights) -> None:
         for p in report.problems:
             click.echo(("fixed: " if p.fixed else "") + p.line())
         faiss = "no FAISS file" if report.faiss_vectors is None else f"{report.faiss_vectors} in FAISS"
+        if report.recall is not None:
+            faiss += f", recall@10 {report.recall:.3f} of {report.vector_index}"
         click.echo(f"{report.rows} indexed images ({faiss}), {report.failed_rows} failed, "
                    f"{report.files_checked} files checked, {report.recomputed} embeddings recomputed")
         left, found = report.remaining, len(report.problems)
