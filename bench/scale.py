@@ -178,7 +178,6 @@ def drop_caches(path: Path) -> bool:
 
 
 def open_searcher(db: Path, rec: Record) -> None:
-    import faiss  # noqa: F401 - imports are not the index's cost
 
     from indexer import vectors
     from search import Searcher
@@ -195,7 +194,7 @@ def open_searcher(db: Path, rec: Record) -> None:
 
 
 def queries_and_truth(store, index, n: int, seed: int):
-    q, src = synth.queries(QUERIES, base_n=n, seed=seed + 1)
+    q, src = synth.queries(QUERIES, base_n=n, seed=seed)  # held out: a stream of its own
     q = index.space(q)
     return q, src >= 0, exact_truth(store, index, q)
 
@@ -278,6 +277,21 @@ def fill_more(store, count: int, offset: int, seed: int) -> None:
         s.commit()
 
 
+def float16_cost(rec: Record, n: int = 200_000, queries: int = 1000) -> None:
+    """Recall@10 of exact search over float16-rounded descriptors against float32 ones."""
+    from indexer import vectors
+
+    x = np.concatenate(list(synth.descriptors(n, seed=7)))
+    q, _ = synth.queries(queries, base_n=n, seed=8)
+    x16 = x.astype(np.float16).astype(np.float32)
+    ids = np.arange(n, dtype=np.int64)
+    truth = vectors._top(q @ x.T, ids, 10)[1]
+    found = vectors._top(q @ x16.T, ids, 10)[1]
+    cos = (x * x16).sum(axis=1)
+    rec["float16"] = {"n": n, "recall_at_10": recall(found, truth),
+                      "cosine_to_float32_min": round(float(cos.min()), 7)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("n", type=int)
@@ -285,6 +299,8 @@ def main(argv=None) -> None:
     ap.add_argument("--key", help="FAISS key [default: what auto chooses]")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--float16", action="store_true", help="only measure what float16 storage costs")
+    ap.add_argument("--reuse", action="store_true", help="keep a current index of the key (no build)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from indexer import vectors
@@ -292,11 +308,17 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     db = args.work / f"scale-{args.n}.db"
     rec = Record(args.out or REPO / "bench" / f"scale-{args.n}.json", n=args.n)
+    if args.float16:
+        return float16_cost(rec, args.n)
     t = time.perf_counter()
     store = new_database(db, args.n, args.seed)
     rec["fill_s"] = round(time.perf_counter() - t, 1)
     key = args.key or vectors.choose(args.n, 1280)
-    index = timed_build(store, key, rec)
+    current, _, why = vectors.read(store)
+    if args.reuse and current is not None and why is None and current.layout.key == key:
+        rec["build"] = {"key": key, "reused": True, "layout": current.describe()}
+    else:
+        timed_build(store, key, rec)
     faiss_bytes = vectors.index_path(db).stat().st_size
     rec["bytes_per_vector"] = {"faiss_file": round(faiss_bytes / args.n, 1),
                                "database_file": round(db.stat().st_size / args.n, 1)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from .atomic import write_atomically
 from .recipe import Recipe, RecipeMismatch
 from .store import OK, ImageRow, Store, StoreError, now, pack_vector, unpack_vectors, writer_lock
 
@@ -84,10 +84,26 @@ def export(store: Store, out: Path, *, rows_per_file: int = 1_000_000, batch: in
     consistent snapshot, even while an index run commits). Each file is written
     to a temp file, then renamed. Raises ExchangeError, StoreError or OSError.
     """
-    import pyarrow.parquet as pq
-
     if rows_per_file < 1 or batch < 1:
         raise ValueError("rows per file and batch must be at least 1")
+    out, single = _target(out)
+    with store.session() as s:  # one transaction: the rows, the recipe and the whitening agree
+        recipe_text = store.get_setting(s, "recipe")
+        if recipe_text is None:
+            raise ExchangeError(f"{store.path}: the database holds no index yet; nothing to export")
+        dim = Recipe.from_json(recipe_text).dim
+        schema = _schema(dim, recipe_text, store.get_setting(s, "whitening"))
+        feed = _Feed(_chunks(s, schema, batch))
+        files = _write_files(feed, schema, out, None if single else rows_per_file)
+    if not single:
+        _drop_stale_parts(out, len(files))
+    log.info("exported %d rows of %s to %d file(s) at %s", feed.rows, store.path, len(files), out)
+    return Exported(files, feed.rows)
+
+
+def _target(out: Path) -> tuple[Path, bool]:
+    """(``out`` made absolute, whether it names one file rather than a folder of parts),
+    once it is known not to be the other kind, with the folder it needs made."""
     out = Path(out).expanduser().absolute()
     single = out.suffix.lower() == ".parquet"
     if single and out.is_dir():
@@ -95,45 +111,51 @@ def export(store: Store, out: Path, *, rows_per_file: int = 1_000_000, batch: in
     if not single and out.exists() and not out.is_dir():
         raise ExchangeError(f"{out}: is a file; name a new folder, or a file ending in .parquet")
     (out.parent if single else out).mkdir(parents=True, exist_ok=True)
-    limit = None if single else rows_per_file
+    return out, single
+
+
+def _write_files(feed: _Feed, schema, out: Path, limit: int | None) -> list[Path]:
+    """Write the rows of ``feed`` to ``out`` (``limit`` None) or to its part files of
+    ``limit`` rows each; the files written, in order."""
+    import pyarrow.parquet as pq
+
+    def write(tmp: str) -> None:
+        with pq.ParquetWriter(tmp, schema, use_dictionary=False) as writer:  # closed on error too
+            for table in feed.take(limit):
+                writer.write_table(table)
+
     files: list[Path] = []
-    rows = written = 0
-    writer = tmp = None
-    with store.session() as s:  # one transaction: the rows, the recipe and the whitening agree
-        recipe_text = store.get_setting(s, "recipe")
-        if recipe_text is None:
-            raise ExchangeError(f"{store.path}: the database holds no index yet; nothing to export")
-        dim = Recipe.from_json(recipe_text).dim
-        schema = _schema(dim, recipe_text, store.get_setting(s, "whitening"))
-        try:
-            for table in _chunks(s, schema, batch):
-                while table.num_rows:
-                    if writer is None:
-                        files.append(out if single else out / f"part-{len(files):05d}.parquet")
-                        tmp, written = _temp(files[-1]), 0
-                        writer = pq.ParquetWriter(tmp, schema, use_dictionary=False)
-                    take = table.num_rows if limit is None else min(table.num_rows, limit - written)
-                    writer.write_table(table.slice(0, take))
-                    table, written, rows = table.slice(take), written + take, rows + take
-                    if limit is not None and written == limit:
-                        _finish(writer, tmp, files[-1])
-                        writer = None
-            if writer is None and not files:  # nothing indexed: a file that says so, with its recipe
-                files.append(out if single else out / "part-00000.parquet")
-                tmp = _temp(files[-1])
-                writer = pq.ParquetWriter(tmp, schema, use_dictionary=False)
-            if writer is not None:
-                _finish(writer, tmp, files[-1])
-                writer = None
-        finally:
-            if writer is not None:  # an error: leave no temp file behind
-                writer.close()
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)  # gone already when it was renamed
-    if not single:
-        _drop_stale_parts(out, len(files))
-    log.info("exported %d rows of %s to %d file(s) at %s", rows, store.path, len(files), out)
-    return Exported(files, rows)
+    # Nothing indexed still gives one file: one that says so, with its recipe.
+    while not files or feed.more():
+        files.append(out if limit is None else out / f"part-{len(files):05d}.parquet")
+        write_atomically(files[-1], write)  # a reader never sees half a file
+    return files
+
+
+class _Feed:
+    """Arrow tables cut to size: ``take(n)`` streams the next ``n`` rows, whichever
+    tables they are in, so a part file holds exactly ``n`` in bounded memory."""
+
+    def __init__(self, tables: Iterator) -> None:
+        self._tables, self._head, self.rows = tables, None, 0  # rows: taken so far
+
+    def more(self) -> bool:
+        """Whether any row is left (reading ahead past empty tables)."""
+        while self._head is None or not self._head.num_rows:
+            self._head = next(self._tables, None)
+            if self._head is None:
+                return False
+        return True
+
+    def take(self, limit: int | None) -> Iterator:
+        """The next ``limit`` rows (all that are left when None), as table slices."""
+        taken = 0
+        # Check the limit first: a full file must not wait on reading the next batch.
+        while (limit is None or taken < limit) and self.more():
+            n = self._head.num_rows if limit is None else min(self._head.num_rows, limit - taken)
+            piece = self._head.slice(0, n)
+            self._head, taken, self.rows = self._head.slice(n), taken + n, self.rows + n
+            yield piece
 
 
 def _schema(dim: int, recipe_text: str, whitening: str | None):
@@ -174,22 +196,6 @@ def _chunks(s, schema, batch: int) -> Iterator:
         for name, (kind, _) in OPTIONAL.items():
             columns[name] = pa.array([getattr(r, name) for r in good], getattr(pa, kind)())
         yield pa.table(columns, schema=schema)
-
-
-def _temp(target: Path) -> str:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    # mkstemp makes the file private (0600); give it the mode the umask gives a new file.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    os.close(fd)
-    return tmp
-
-
-def _finish(writer, tmp: str, target: Path) -> None:
-    """Close ``writer`` and move its file into place: a reader never sees half a file."""
-    writer.close()
-    os.replace(tmp, target)
 
 
 def _drop_stale_parts(folder: Path, count: int) -> None:
@@ -240,33 +246,41 @@ def import_embeddings(store: Store, source: Path, *, batch: int = 1000,
     if store.read_only:
         raise StoreError(f"{store.path}: cannot write to the database: its folder is read-only")
     failed: list[tuple[str, str]] = []
-    counts: Counter = Counter()
     with writer_lock(store.path):
         sources = [src for src in (_open(p, failed) for p in paths) if src is not None]
         recipe = _bind(store, sources)
         sources = [src for src in sources if _fits(src, recipe.dim, failed)]
-        total, done = sum(src.rows for src in sources), 0
-        if progress:
-            progress(0, total)
-        try:
-            for src in sources:
-                for rows, read in _read(src, recipe.dim, batch, failed):
-                    if rows:
-                        counts.update(_commit(store, rows))
-                    done += read
-                    if progress:
-                        progress(done, total)
-            if recipe is not None:
-                from . import vectors
-
-                vectors.update(store)  # the vector index, rebuilt (or retrained) for the new rows
-        except OperationalError as exc:  # a failed write (disk full, I/O error)
-            reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
-            raise StoreError(f"{store.path}: {reason}; the rows committed so far are kept, "
-                             "import again to finish") from None
+        counts = _load(store, sources, recipe, batch, progress, failed)
     result = Imported(counts["added"], counts["updated"], counts["unchanged"], failed, len(sources))
     log.info("%s: imported %s", store.path, result.line())
     return result
+
+
+def _load(store: Store, sources: list[_Source], recipe: Recipe | None, batch: int,
+          progress: Progress | None, failed: list) -> Counter:
+    """Commit the good rows of ``sources`` batch by batch, then bring the vector index in
+    line; counts of added, updated and unchanged. The caller holds the writer's lock."""
+    counts: Counter = Counter()
+    total, done = sum(src.rows for src in sources), 0
+    if progress:
+        progress(0, total)
+    try:
+        for src in sources:
+            for rows, read in _read(src, recipe.dim, batch, failed):
+                if rows:
+                    counts.update(_commit(store, rows))
+                done += read
+                if progress:
+                    progress(done, total)
+        if recipe is not None:  # None: an empty new database, no vectors to index
+            from . import vectors
+
+            vectors.update(store)  # the vector index, rebuilt (or retrained) for the new rows
+    except OperationalError as exc:  # a failed write (disk full, I/O error)
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+        raise StoreError(f"{store.path}: {reason}; the rows committed so far are kept, "
+                         "import again to finish") from None
+    return counts
 
 
 def _parquet_files(source: Path) -> list[Path]:
@@ -280,58 +294,85 @@ def _parquet_files(source: Path) -> list[Path]:
     return [source]
 
 
+class _Refused(Exception):
+    """A file refused whole; str() says why."""
+
+
 def _open(path: Path, failed: list) -> _Source | None:
     """The file's metadata and columns, or None with the reason added to ``failed``."""
+    try:
+        return _source(path)
+    except _Refused as exc:
+        _refuse(path, str(exc), failed)
+        return None
+
+
+def _refuse(path: Path, reason: str, failed: list) -> None:
+    """Report a file (or the rest of one) as not imported: added to ``failed``, which the
+    caller reports (as an index run's failures: logged at info only, not twice)."""
+    log.info("%s: %s", path, reason)
+    failed.append((str(path), reason))
+
+
+def _source(path: Path) -> _Source:
+    """Read the file's footer and check what it says; raises _Refused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    def refuse(reason: str) -> None:
-        log.warning("%s: %s", path, reason)
-        failed.append((str(path), reason))
 
     try:
         with pq.ParquetFile(path) as pf:
             meta, schema, rows = pf.metadata.metadata or {}, pf.schema_arrow, pf.metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
-        return refuse(f"not a readable Parquet file ({_first_line(exc)})")
+        raise _Refused(f"not a readable Parquet file ({_first_line(exc)})") from None
+    recipe = _recipe_of(meta)
+    _check_columns(schema)
+    kind = schema.field("embedding").type
+    whitening = meta[WHITENING_KEY].decode() if WHITENING_KEY in meta else None
+    width = kind.list_size if pa.types.is_fixed_size_list(kind) else None
+    return _Source(path, recipe, whitening, rows, [n for n in OPTIONAL if n in schema.names], width)
+
+
+def _recipe_of(meta: dict) -> Recipe:
+    """The recipe in a file's key-value metadata, of this format; raises _Refused."""
     fmt = meta.get(FORMAT_KEY, b"").decode(errors="replace")
     if RECIPE_KEY not in meta:
-        return refuse("no lookalike.recipe in its metadata: not a lookalike export")
+        raise _Refused("no lookalike.recipe in its metadata: not a lookalike export")
     if fmt != FORMAT:
-        return refuse(f"lookalike.format {fmt or 'missing'} is not {FORMAT}: "
-                      "written by another version of lookalike")
+        raise _Refused(f"lookalike.format {fmt or 'missing'} is not {FORMAT}: "
+                       "written by another version of lookalike")
     try:
-        recipe = Recipe.from_json(meta[RECIPE_KEY].decode())
+        return Recipe.from_json(meta[RECIPE_KEY].decode())
     except (ValueError, TypeError, KeyError) as exc:
-        return refuse(f"its lookalike.recipe is not a recipe ({_first_line(exc)})")
+        raise _Refused(f"its lookalike.recipe is not a recipe ({_first_line(exc)})") from None
+
+
+def _check_columns(schema) -> None:
+    """Raise _Refused unless the file has path and embedding columns, and every column
+    it has is of a type an import can read."""
+    import pyarrow as pa
+
     names = set(schema.names)
     for name in ("path", "embedding"):
         if name not in names:
-            return refuse(f"it has no {name} column")
+            raise _Refused(f"it has no {name} column")
     kind = schema.field("embedding").type
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
             or not pa.types.is_floating(kind.value_type):
-        return refuse(f"its embedding column is {kind}, not a list of floats")
+        raise _Refused(f"its embedding column is {kind}, not a list of floats")
     if not (pa.types.is_string(schema.field("path").type) or pa.types.is_large_string(schema.field("path").type)):
-        return refuse(f"its path column is {schema.field('path').type}, not text")
-    optional = [n for n in OPTIONAL if n in names]
-    for n in optional:
+        raise _Refused(f"its path column is {schema.field('path').type}, not text")
+    for n in (n for n in OPTIONAL if n in names):
         t = schema.field(n).type
         text = pa.types.is_string(t) or pa.types.is_large_string(t)
         if (n == "sha256") != text or not (text or pa.types.is_integer(t)):
-            return refuse(f"its {n} column is {t}, not {'text' if n == 'sha256' else 'integers'}")
-    whitening = meta[WHITENING_KEY].decode() if WHITENING_KEY in meta else None
-    width = kind.list_size if pa.types.is_fixed_size_list(kind) else None
-    return _Source(path, recipe, whitening, rows, optional, width)
+            raise _Refused(f"its {n} column is {t}, not {'text' if n == 'sha256' else 'integers'}")
 
 
 def _fits(src: _Source, dim: int, failed: list) -> bool:
     """Whether a fixed-width embedding column has the recipe's width (else reported)."""
     if src.width is None or src.width == dim:
         return True
-    reason = f"its embeddings have {src.width} values, its recipe {dim}"
-    log.warning("%s: %s", src.path, reason)
-    failed.append((str(src.path), reason))
+    _refuse(src.path, f"its embeddings have {src.width} values, its recipe {dim}", failed)
     return False
 
 
@@ -388,9 +429,8 @@ def _read(src: _Source, dim: int, batch: int, failed: list) -> Iterator[tuple[li
                 yield _rows(src, rb, dim, first, failed), rb.num_rows
                 first += rb.num_rows
     except (pa.ArrowException, OSError, ValueError) as exc:
-        reason = f"cannot read past row {first} ({_first_line(exc)}); the rows before are imported"
-        log.warning("%s: %s", src.path, reason)
-        failed.append((str(src.path), reason))
+        _refuse(src.path, f"cannot read past row {first} ({_first_line(exc)}); "
+                "the rows before are imported", failed)
 
 
 def _rows(src: _Source, rb, dim: int, first: int, failed: list) -> list[_Row]:
@@ -456,11 +496,7 @@ def _commit(store: Store, rows: list[_Row]) -> Counter:
     """Write ``rows`` in one transaction; counts of added, updated and unchanged."""
     counts: Counter = Counter()
     with store.session() as s:
-        paths = sorted({r.path for r in rows})
-        existing: dict[str, ImageRow] = {}
-        for start in range(0, len(paths), 900):  # under SQLite's variable limit
-            for db_row in s.execute(select(ImageRow).where(ImageRow.path.in_(paths[start:start + 900]))).scalars():
-                existing[db_row.path] = db_row
+        existing = _existing(s, sorted({r.path for r in rows}))
         for r in rows:
             db_row = existing.get(r.path)
             if db_row is None:
@@ -484,6 +520,15 @@ def _commit(store: Store, rows: list[_Row]) -> Counter:
             store.bump_generation(s)
         s.commit()
     return counts
+
+
+def _existing(s, paths: list[str]) -> dict[str, ImageRow]:
+    """The database's rows of ``paths``, by path."""
+    existing: dict[str, ImageRow] = {}
+    for start in range(0, len(paths), 900):  # under SQLite's variable limit
+        for db_row in s.execute(select(ImageRow).where(ImageRow.path.in_(paths[start:start + 900]))).scalars():
+            existing[db_row.path] = db_row
+    return existing
 
 
 def _first_line(exc: BaseException) -> str:

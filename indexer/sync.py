@@ -243,8 +243,8 @@ class Indexer(Tuning):
     def _learn(self, store: Store, kind: str, shrinkage: float | None = None):
         from .whitening import DEFAULT_SHRINKAGE, learn
 
-        x = self._collection(store)
-        if not len(x):
+        x = self._collection(store, second=kind == "pca")
+        if not x.n:
             from .whitening import WhiteningError
 
             raise WhiteningError(f"{store.path}: the database holds no images to learn whitening from")
@@ -256,10 +256,15 @@ class Indexer(Tuning):
         return w
 
     @staticmethod
-    def _collection(store: Store) -> np.ndarray:
-        """Every indexed image's raw descriptor (N x dim; 0 rows when there is none)."""
-        chunks = [v for _, v in store.embeddings()]
-        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    def _collection(store: Store, second: bool = False):
+        """The moments of every indexed image's raw descriptor (whitening.Moments), read in
+        chunks: memory bounded by a chunk, whatever the collection's size."""
+        from .whitening import Moments
+
+        moments = Moments(store.recipe().dim, second)
+        for _, vecs in store.embeddings():
+            moments.add(vecs)
+        return moments
 
     def whiten(self, kind: str = "center", shrinkage: float | None = None):
         """(Re-)learn whitening from what the database holds now; ``kind`` "none" removes it

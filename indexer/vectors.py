@@ -20,12 +20,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,11 @@ EXACT, AUTO = "exact", "auto"
 EXACT_MAX = 100_000
 # The index's size in RAM that auto stays within (codes and ids; --memory).
 DEFAULT_MEMORY = 4 << 30
-PCA_DIM = 256
-PQ_CHOICES = (128, 64, 32, 16)  # bytes per vector, the largest that fits the budget
+# Sub-quantizers of the 4-bit PQ codes (m / 2 bytes a vector): the most that fit the
+# budget and divide the dimension. 4-bit codes are scanned with SIMD ("fast scan"),
+# ten times faster than 8-bit ones, and train in seconds (bench/SCALE.md).
+PQ_CHOICES = (256, 128, 64, 32, 16)
+HNSW_LISTS = 4096  # more lists than this are found by an HNSW graph (cheaper to assign), fewer by a scan
 # A compressed index is trained again once the collection is this many times
 # the size it was trained at.
 RETRAIN_FACTOR = 4
@@ -89,19 +92,22 @@ def choose(count: int, dim: int, choice: str = AUTO, memory: int = DEFAULT_MEMOR
     """The index key for ``count`` vectors of ``dim`` dims, as ``choice`` asks.
 
     "auto": exact while the collection is at most EXACT_MAX images and fits
-    ``memory`` as float32; past that, an IVF of PQ codes, the largest codes
-    that fit. A compressed index goes back to exact only below half of that
-    size, so that a collection near the line does not flip at each run.
+    ``memory`` as float32; past that, an IVF of 4-bit PQ codes, the largest
+    codes that fit. A compressed index goes back to exact only below half of
+    that size, so that a collection near the line does not flip at each run.
     """
     if choice != AUTO:
         return choice
     limit = EXACT_MAX // 2 if current is not None and not current.exact else EXACT_MAX
     if count <= limit and count * dim * 4 <= memory:
         return EXACT
-    pca = min(PCA_DIM, dim)
     nlist = nlist_for(count)
-    m = next((m for m in PQ_CHOICES if pca % m == 0 and count * (m + 8) <= memory), PQ_CHOICES[-1])
-    return f"PCAR{pca},IVF{nlist}_HNSW32,PQ{m}"
+    coarse = f"IVF{nlist}_HNSW32" if nlist > HNSW_LISTS else f"IVF{nlist}"
+    fits = [m for m in PQ_CHOICES if dim % m == 0]
+    if not fits:  # a dimension no choice divides: a rotation to one that is
+        return f"PCAR256,{coarse},PQ128x4fs" if dim > 256 else f"{coarse},Flat"
+    m = next((m for m in fits if count * (m // 2 + 8) <= memory), fits[-1])
+    return f"{coarse},PQ{m}x4fs"
 
 
 def nlist_for(count: int) -> int:
@@ -135,6 +141,7 @@ class VectorIndex:
         self.dim = dim  # of the raw descriptors (the recipe's)
         self.generation: int | None = None  # the database generation it holds, when loaded
         self._gpu = None
+        self._hnsw = _hnsw_quantizer(index)
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -208,11 +215,19 @@ class VectorIndex:
         k = max(1, min(int(k), len(self) if allowed is None else len(allowed)))
         if not len(self) or (allowed is not None and not len(allowed)):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        if allowed is not None and len(allowed) <= (SMALL_FILTER if not self.layout.exact else k):
-            return _top(q @ self.vectors(allowed).T, allowed, k)
+        if allowed is not None and not self.layout.exact and len(allowed) <= SMALL_FILTER:
+            return self._among(q, k, allowed)
         if self.layout.exact:
             return self._exact(q, k, allowed)
         return self._ivf(q, k, allowed, nprobe or self.layout.nprobe)
+
+    def _among(self, q: np.ndarray, k: int, allowed: np.ndarray):
+        """Exact search over the stored descriptors of ``allowed`` (those indexed)."""
+        found = self.store.vectors_by_id(allowed)
+        if not found:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        ids = np.fromiter(found, np.int64, len(found))
+        return _top(q @ self.space(np.stack(list(found.values()))).T, ids, k)
 
     def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray | None):
         import faiss
@@ -231,9 +246,9 @@ class VectorIndex:
         nlist = faiss.extract_index_ivf(self._index).nlist
         sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         while True:
-            params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist), sel=sel,
-                                               quantizer_params=faiss.SearchParametersHNSW(
-                                                   efSearch=max(64, 2 * nprobe)))
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist), sel=sel)
+            if self._hnsw:  # the graph must look at least as far as the lists wanted
+                params.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe))
             if isinstance(self._index, faiss.IndexPreTransform):
                 params = faiss.SearchParametersPreTransform(index_params=params)
             _, ids = self._index.search(q, max(RERANK, k), params=params)
@@ -318,10 +333,39 @@ def _new_faiss(key: str, dim: int):
     except RuntimeError as exc:
         raise IndexChoiceError(f"{key!r}: FAISS cannot build it ({_faiss_reason(exc)})") from None
     try:
-        faiss.extract_index_ivf(index)
+        _no_tables(faiss.extract_index_ivf(index))
     except RuntimeError:
         raise IndexChoiceError(f"{key!r}: not an IVF index; use 'exact', 'auto' or a FAISS key "
-                               "with IVF (for example PCAR256,IVF4096_HNSW32,PQ64)") from None
+                               "with IVF (for example IVF4096,PQ128x4fs)") from None
+    return index
+
+
+def _no_tables(ivf) -> None:
+    """No precomputed PQ distance tables: they take nlist x M x 2^bits floats (512 MB for
+    4096 lists of 128 8-bit codes), all made at open, to save a little per query."""
+    import faiss
+
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)):
+        ivf.use_precomputed_table = -1
+
+
+def _hnsw_quantizer(index) -> bool:
+    import faiss
+
+    if isinstance(index, faiss.IndexIDMap2):
+        return False
+    return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexHNSW)
+
+
+def _read_index(path: Path, mmap: bool = False):
+    """A FAISS file, memory-mapped if asked, never with precomputed tables."""
+    import faiss
+
+    index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
+                             | (faiss.IO_FLAG_MMAP if mmap else 0))
+    if not isinstance(index, faiss.IndexIDMap2):
+        _no_tables(faiss.extract_index_ivf(index))
     return index
 
 
@@ -498,16 +542,13 @@ def is_current(store: Store) -> bool:
 def read(store: Store, mmap: bool = False) -> tuple[VectorIndex | None, dict, str | None]:
     """The index on disk as it is (None if absent or unreadable), its sidecar, and why it
     does not match the database (None: it does)."""
-    import faiss
-
     path, meta = index_path(store.path), _read_meta(store)
     recipe = store.recipe()
     if not path.exists():
         return None, meta, "no FAISS index on disk" if store.count("ok") else None
     layout = Layout(**meta["layout"]) if isinstance(meta.get("layout"), dict) else Layout()
     try:
-        flags = faiss.IO_FLAG_MMAP if mmap and not layout.exact else 0
-        raw = faiss.read_index(str(path), flags)
+        raw = _read_index(path, mmap and not layout.exact)
     except Exception as exc:  # noqa: BLE001 - unreadable or partial file
         return None, meta, f"unreadable ({_faiss_reason(exc)})"
     whitening = store.whitening()
@@ -569,9 +610,7 @@ def _rebuilt(store: Store, old: VectorIndex | None, meta: dict) -> VectorIndex:
     them (same whitening and dims), else into a new index of the choice."""
     if (old is not None and not old.layout.exact and meta.get("whitening") == whitening_mark(store)
             and old.stored_dim == old.space_dim):
-        import faiss
-
-        raw = faiss.read_index(str(index_path(store.path)))  # in memory, writable
+        raw = _read_index(index_path(store.path))  # in memory, writable
         raw.reset()
         index = VectorIndex(raw, old.layout, store, old.whitening, old.dim)
         _fill(index)
@@ -584,7 +623,9 @@ def rebuild(store: Store) -> VectorIndex:
     choice, memory = stored_choice(store)
     whitening = store.whitening()
     dim = whitening.dim if whitening is not None else store.recipe().dim
-    return build(store, choose(store.count("ok"), dim, choice, memory))
+    count = store.count("ok")
+    # Nothing to train on yet: exact until an index run has added images.
+    return build(store, choose(count, dim, choice, memory) if count else EXACT)
 
 
 def save(store: Store, index: VectorIndex, generation: int) -> None:
@@ -605,7 +646,7 @@ def save(store: Store, index: VectorIndex, generation: int) -> None:
         except RuntimeError as exc:  # FAISS reports a failed write as "... (File too large)"
             raise _os_error(exc) from None
 
-    _write_atomically(path, write_index)
+    write_atomically(path, write_index)
     # Written second: a crash in between leaves an old generation, which
     # only costs a rebuild on the next open.
     recipe = store.recipe()
@@ -613,7 +654,7 @@ def save(store: Store, index: VectorIndex, generation: int) -> None:
     meta = json.dumps({"generation": generation, "count": len(index), "dim": index.space_dim,
                        "whitening": whitening_mark(store), "layout": asdict(index.layout),
                        "recipe": recipe.to_json() if recipe else None})
-    _write_atomically(meta_path, lambda tmp: Path(tmp).write_text(meta))
+    write_atomically(meta_path, lambda tmp: Path(tmp).write_text(meta))
 
 
 def update(store: Store, expected: bool = True) -> None:
@@ -644,22 +685,6 @@ def _os_error(exc: RuntimeError) -> OSError:
     m = re.search(r"\(([^()]+)\)$", text) or re.search(r":\s*([^:]+)$", text)
     reason = m.group(1).strip() if m else text.splitlines()[-1]
     return OSError(_ERRNO_BY_TEXT.get(reason, errno.EIO), reason)
-
-
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    # mkstemp makes the file private (0600); give it the mode the database got
-    # from the umask, so other users who may read the database may read this too.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def summary(store: Store) -> dict:

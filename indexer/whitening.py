@@ -74,10 +74,11 @@ class Whitening:
             x = x @ self.projection
         return np.ascontiguousarray(l2n(x), dtype=np.float32)
 
-    def centred(self, vecs: np.ndarray) -> "Whitening":
-        """This projection around the mean of the collection's raw descriptors ``vecs``."""
-        x = np.asarray(vecs, dtype=np.float64)
-        return replace(self, mean=x.mean(axis=0).astype(np.float32), centred_on=len(x))
+    def centred(self, vecs: "np.ndarray | Moments") -> "Whitening":
+        """This projection around the mean of the collection's raw descriptors ``vecs``
+        (or of the descriptors summed in ``Moments``)."""
+        m = vecs if isinstance(vecs, Moments) else Moments.of(vecs)
+        return replace(self, mean=m.mean.astype(np.float32), centred_on=m.n)
 
     def describe(self) -> str:
         if self.kind == LEARNED:
@@ -118,11 +119,45 @@ def minimum_images(kind: str, dim: int) -> int:
     return CENTER_MIN_IMAGES if kind == "center" else PCA_MIN_FACTOR * dim
 
 
-def learn(vecs: np.ndarray, kind: str = "center", shrinkage: float = DEFAULT_SHRINKAGE,
+class Moments:
+    """Count, sum and (with ``second``) sum of outer products of raw descriptors, added
+    chunk by chunk: what centring and PCA whitening learn from, in bounded memory."""
+
+    def __init__(self, dim: int, second: bool = False):
+        self.n, self.dim = 0, dim
+        self.sum = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64) if second else None
+
+    @classmethod
+    def of(cls, vecs: np.ndarray, second: bool = False) -> "Moments":
+        x = np.atleast_2d(np.asarray(vecs, dtype=np.float64))
+        m = cls(x.shape[1], second)
+        m.add(x)
+        return m
+
+    def add(self, vecs: np.ndarray) -> None:
+        x = np.asarray(vecs, dtype=np.float64)
+        self.n += len(x)
+        self.sum += x.sum(axis=0)
+        if self.outer is not None:
+            self.outer += x.T @ x
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def cov(self) -> np.ndarray:
+        mean = self.mean
+        return (self.outer - self.n * np.outer(mean, mean)) / max(self.n - 1, 1)
+
+
+def learn(vecs: "np.ndarray | Moments", kind: str = "center", shrinkage: float = DEFAULT_SHRINKAGE,
           learned_at: str = "") -> Whitening:
-    """Learn ``kind`` whitening from the raw descriptors ``vecs`` (N x dim)."""
-    x = np.asarray(vecs, dtype=np.float64)
-    n, dim = x.shape
+    """Learn ``kind`` whitening from the raw descriptors ``vecs`` (N x dim), or from their
+    ``Moments`` (with ``second`` for PCA)."""
+    m = vecs if isinstance(vecs, Moments) else Moments.of(vecs, second=kind == "pca")
+    n, dim = m.n, m.dim
     need = minimum_images(kind, dim)
     if n < need:
         why = ("centring needs" if kind == "center"
@@ -131,10 +166,10 @@ def learn(vecs: np.ndarray, kind: str = "center", shrinkage: float = DEFAULT_SHR
                              + (f"; centring needs {CENTER_MIN_IMAGES}" if kind == "pca" else ""))
     if not 0.0 <= shrinkage <= 1.0:
         raise WhiteningError(f"shrinkage {shrinkage} out of range 0..1")
-    mean = x.mean(axis=0)
+    mean = m.mean
     projection = None
     if kind == "pca":
-        projection = _inverse_sqrt(np.cov((x - mean).T), shrinkage).astype(np.float32)
+        projection = _inverse_sqrt(m.cov, shrinkage).astype(np.float32)
     return Whitening(kind, float(shrinkage if kind == "pca" else 1.0), n, learned_at,
                      mean.astype(np.float32), projection)
 

@@ -67,6 +67,7 @@ EVENTS = {
     "replaced:onnx": "after the exported graph is renamed into the cache",
     "batch": "the pipeline gave a batch of descriptors (not yet stored)",
     "save": "vectors.save is called (the FAISS index is about to be written)",
+    "trained": "a compressed vector index was trained, before its vectors are added",
     "faiss-write": "faiss.write_index is about to write the temp file",
     "faiss-written": "the temp FAISS file is complete, not yet renamed",
     "replace:faiss": "before the temp FAISS file is renamed into place",
@@ -209,6 +210,11 @@ class _Faults:
 
         real_scan, real_hash = sync.scan, sync.Indexer._hash
         real_embed_files, real_save, real_export = pipeline.embed_files, vectors.save, encoder._export
+        real_train = vectors._train
+
+        def _train(*a, **k):
+            real_train(*a, **k)
+            faults.event("trained")
 
         def scan(*a, **k):
             yield from real_scan(*a, **k)
@@ -235,6 +241,7 @@ class _Faults:
 
         sync.scan, sync.Indexer._hash = scan, _hash
         pipeline.embed_files, vectors.save, encoder._export = embed_files, save, _export
+        vectors._train = _train
 
     def _patch_faiss(self) -> None:
         import faiss
@@ -525,6 +532,7 @@ class Harness:
         self.refs = References(self.library, image_size, self.work / "scratch")
         self.images = images
         self.labelled: Path | None = None  # the labelled set of "tune" runs
+        self.parquet: Path | None = None  # the file of "import" runs
         self._dbs = 0
         self.db = self.fresh_db()
         self._runs = 0
@@ -553,6 +561,9 @@ class Harness:
         if verb == "tune":  # self.labelled: a folder with groundtruth.csv
             return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "tune",
                     str(self.labelled), "--db", str(self.db), "--workers", str(self.workers), *extra]
+        if verb == "import":  # self.parquet: a file 'lookalike export' wrote
+            return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "import",
+                    str(self.parquet), "--db", str(self.db), *extra]
         if verb == "repair":
             return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "check",
                     "--db", str(self.db), "--repair", *extra]

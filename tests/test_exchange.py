@@ -269,3 +269,29 @@ def test_nothing_to_import_is_an_error(tmp_path):
         with pytest.raises(ExchangeError) as caught:
             _import(tmp_path / "new.db", source)
         assert str(source) in str(caught.value), caught.value
+
+
+def test_the_commands_export_and_import_with_one_line_per_failure(indexed, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from search import Searcher
+
+    root, db = indexed
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "--db", str(db), str(tmp_path / "parts")])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "5 images exported to 1 file"
+    (tmp_path / "parts" / "notes.parquet").write_text("not parquet")
+    new = tmp_path / "copy.db"
+    result = runner.invoke(main, ["import", str(tmp_path / "parts"), "--db", str(new)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith(f"failed: {tmp_path / 'parts' / 'notes.parquet'}: ") and len(lines) == 2
+    assert lines[1] == "5 added, 0 updated, 0 unchanged, 1 failed, from 1 file"
+    with Searcher(db) as a, Searcher(new) as b:
+        q = root / "p2.jpg"
+        assert [(m.path, round(m.score, 5)) for m in a.search(q, k=5, verify=0)] == \
+            [(m.path, round(m.score, 5)) for m in b.search(q, k=5, verify=0)]
+    result = runner.invoke(main, ["import", str(tmp_path / "nothing-here"), "--db", str(new)])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and len(result.output.splitlines()) == 1

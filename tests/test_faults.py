@@ -257,3 +257,71 @@ def test_finetuning_killed_leaves_the_old_descriptors_or_the_new_ones_whole(tmp_
         assert result.exit_code == 0, (event, n, result.output)
         moved_by_index += recipe_now == recipe != h.read_db()[2]
     assert moved_by_index >= 2
+
+
+def test_a_new_vector_index_killed_at_each_of_its_moments_leaves_a_whole_one(tmp_path):
+    """Turning the exact index into a compressed one (train on a sample, add every vector,
+    tune nprobe, write the file and its sidecar) killed at any moment: the database is as
+    it was, the file on disk is the old one or the new one, whole, and the next run
+    finishes the change; check and a complete run find all in order."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    h = Harness(tmp_path, seed=SEED + 10, images=20)
+    assert h.baseline().survived
+    rows, *_ = h.read_db()
+    ivf = ["--index", "PCAR8,IVF2,PQ2x4"]
+    probe = h.run(extra=ivf)
+    assert probe.rc == 0, probe.stderr
+    points = [(e, n) for e in ("trained", "save", "faiss-write", "replace:faiss", "replaced:faiss",
+                                "replace:meta") for n in range(1, probe.events.get(e, 0) + 1)]
+    assert {e for e, _ in points} >= {"trained", "replace:faiss", "replace:meta"}, probe.events
+    for event, n in points:
+        assert h.run(extra=["--index", "exact"]).rc == 0
+        killed = h.run({"kill": {"at": event, "n": n, "how": "now"}}, extra=ivf)
+        assert killed.killed, (event, n, killed.stderr)
+        now, _, _, problems = h.read_db()
+        assert not problems and now == rows, (event, n)
+        _, _, _, torn = h.read_faiss()
+        assert torn is None, (event, n, torn)
+        finished = h.run(extra=ivf)
+        assert finished.rc == 0, (event, n, finished.stderr)
+        result = CliRunner().invoke(main, ["check", "--db", str(h.db)])
+        assert result.exit_code == 0, (event, n, result.output)
+        assert "PCAR8,IVF2,PQ2x4" in result.output, (event, n, result.output)
+    out = Outcome("new vector index killed", "kill")
+    h.check_complete(out, h.run())
+    assert out.survived, out.row()
+
+
+def test_an_import_killed_at_each_commit_keeps_whole_batches_and_the_next_finishes(tmp_path):
+    """``lookalike import`` commits rows in batches: killed at any commit, the rows committed
+    are whole, and importing again finishes with every row exactly once."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    h = Harness(tmp_path, seed=SEED + 12, images=12)
+    assert h.baseline().survived
+    h.parquet = tmp_path / "rows.parquet"
+    assert CliRunner().invoke(main, ["export", "--db", str(h.db), str(h.parquet)]).exit_code == 0
+    source, *_ = h.read_db()
+    want = {r["path"]: r["embedding"] for r in source.values() if r["status"] == "ok"}
+    h.db = tmp_path / "imported.db"
+    probe = h.run(verb="import")
+    assert probe.rc == 0, probe.stderr
+    points = [(e, n) for e in ("commit", "committed", "save", "replace:faiss", "replace:meta")
+              for n in range(1, probe.events.get(e, 0) + 1)]
+    for event, n in points:
+        for p in h.db.parent.glob(h.db.name + "*"):
+            p.unlink()
+        killed = h.run({"kill": {"at": event, "n": n, "how": "now"}}, verb="import")
+        assert killed.killed, (event, n, killed.stderr)
+        finished = h.run(verb="import")
+        assert finished.rc == 0, (event, n, finished.stderr)
+        rows, _, _, problems = h.read_db()
+        assert not problems, (event, n, problems)
+        assert {r["path"]: r["embedding"] for r in rows.values()} == want, (event, n)
+        result = CliRunner().invoke(main, ["check", "--db", str(h.db), "--sample", "0"])
+        assert result.exit_code == 0, (event, n, result.output)

@@ -304,5 +304,5 @@ def test_a_database_from_before_local_features_is_upgraded_and_searched_without_
     summary = Indexer(db, workers=0).index([photos])
     assert summary.unchanged == 6
     with sqlite3.connect(db) as con:
-        assert con.execute("select version_num from alembic_version").fetchone()[0] == "0003"
+        assert con.execute("select version_num from alembic_version").fetchone()[0] == "0004"
     assert run("check", "--db", db).exit_code == 0
