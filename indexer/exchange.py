@@ -377,14 +377,16 @@ def _fits(src: _Source, dim: int, failed: list) -> bool:
 
 
 def _bind(store: Store, sources: list[_Source]) -> Recipe | None:
-    """The database's recipe, which every file must have; a new database takes the first
-    file's recipe and whitening, once all files are known to agree."""
+    """The database's recipe, whose descriptors every file must have; a new database takes
+    the first file's recipe and whitening, once all files are known to agree. Files carry
+    no local features, so only the global part of the recipes is compared, and a new
+    database has none (no verification)."""
     with store.session() as s:
         text = store.get_setting(s, "recipe")
-        recipe = Recipe.from_json(text) if text else (sources[0].recipe if sources else None)
+        recipe = Recipe.from_json(text) if text else (sources[0].recipe.global_only() if sources else None)
         owner = store.path if text else sources[0].path if sources else None
         for src in sources:
-            diff = recipe.differences(src.recipe)
+            diff = recipe.global_only().differences(src.recipe.global_only())
             if diff:
                 raise RecipeMismatch(f"{src.path}: its embeddings were made with another recipe than "
                                      f"{owner}'s ({'; '.join(diff)}); import it into a new database")

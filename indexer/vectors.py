@@ -554,8 +554,10 @@ def read(store: Store, mmap: bool = False) -> tuple[VectorIndex | None, dict, st
     whitening = store.whitening()
     index = VectorIndex(raw, layout, store, whitening, recipe.dim)
     count, generation = store.count("ok"), store.generation()
-    if layout.exact != _is_exact(raw):
-        return None, meta, "its sidecar describes another kind of index"
+    if layout.exact != _is_exact(raw):  # killed between writing the file and its sidecar
+        layout = _inferred(raw)
+        return VectorIndex(raw, layout, store, store.whitening(), recipe.dim), meta, \
+            "its sidecar describes another kind of index"
     if meta.get("whitening") != whitening_mark(store):
         return index, meta, "its vectors were whitened otherwise (or by an older lookalike)"
     if meta.get("generation") != generation:
@@ -563,6 +565,16 @@ def read(store: Store, mmap: bool = False) -> tuple[VectorIndex | None, dict, st
     if index.stored_dim != index.space_dim or raw.ntotal != count:
         return index, meta, f"it holds {raw.ntotal} vectors of {raw.d} dims, the database {count} of {index.space_dim}"
     return index, meta, None
+
+
+def _inferred(raw) -> Layout:
+    """What a FAISS file is when its sidecar does not say: exact, or an IVF of unknown key
+    searched with an eighth of its lists (until the next run builds the one chosen)."""
+    import faiss
+
+    if _is_exact(raw):
+        return Layout()
+    return Layout("IVF (sidecar lost)", nprobe=max(1, faiss.extract_index_ivf(raw).nlist // 8))
 
 
 def _is_exact(raw) -> bool:

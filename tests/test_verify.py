@@ -297,6 +297,7 @@ def test_a_database_from_before_local_features_is_upgraded_and_searched_without_
         con.execute("update settings set value = ? where key = 'recipe'", (json.dumps(recipe),))
         con.execute("drop table local_features")
         con.execute("drop table retuned")
+        con.execute("drop index ix_images_status")
         con.execute("update alembic_version set version_num = '0001'")
     with Searcher(db) as s:
         assert s.recipe.local_features == "none" and s.verify_depth(None) == 0
