@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -483,15 +482,10 @@ def _vector_index_line(v: dict) -> str:
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 def export_(out, db) -> None:
     """Write the database's embeddings to Parquet: OUT.parquet, or a folder of parts."""
-    from indexer.exchange import export
-    from indexer.store import Store, default_db_path
+    from indexer.exchange import export_database
 
     try:
-        store = Store(db or default_db_path(), create=False)
-        try:
-            done = export(store, Path(out))
-        finally:
-            store.close()
+        done = export_database(db, out)
     except _user_errors() as exc:
         raise _fail(exc) from None
     click.echo(f"{done.rows} images exported to {len(done.files)} file{'s' * (len(done.files) != 1)}", err=True)
@@ -503,15 +497,10 @@ def export_(out, db) -> None:
 def import_(source, db) -> None:
     """Add the embeddings of a Parquet file, or of a folder's *.parquet files, made by
     'lookalike export' (or another tool) with the database's recipe."""
-    from indexer.exchange import import_embeddings
-    from indexer.store import Store, default_db_path
+    from indexer.exchange import import_into
 
     try:
-        store = Store(db or default_db_path())
-        try:
-            done = import_embeddings(store, Path(source))
-        finally:
-            store.close()
+        done = import_into(db, source)
     except _user_errors() as exc:
         raise _fail(exc) from None
     for where, reason in done.failed:

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,7 +31,8 @@ from sqlalchemy.exc import OperationalError
 
 from .atomic import write_atomically
 from .recipe import Recipe, RecipeMismatch
-from .store import OK, ImageRow, Store, StoreError, now, pack_vector, unpack_vectors, writer_lock
+from .store import (OK, ImageRow, Store, StoreError, default_db_path, now, pack_vector, unpack_vectors,
+                    writer_lock)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,27 @@ class Imported:
     def line(self) -> str:
         return (f"{self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
                 f"{len(self.failed)} failed, from {self.files} file{'s' * (self.files != 1)}")
+
+
+def export_database(db: str | os.PathLike | None, out: str | os.PathLike, **options) -> Exported:
+    """``export`` of the database at ``db`` (None: the default one)."""
+    with _opened(db, create=False) as store:
+        return export(store, Path(out), **options)
+
+
+def import_into(db: str | os.PathLike | None, source: str | os.PathLike, **options) -> Imported:
+    """``import_embeddings`` into the database at ``db`` (None: the default one), made if new."""
+    with _opened(db, create=True) as store:
+        return import_embeddings(store, Path(source), **options)
+
+
+@contextmanager
+def _opened(db, create: bool) -> Iterator[Store]:
+    store = Store(db or default_db_path(), create=create)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 # -- export -------------------------------------------------------------------
