@@ -506,6 +506,8 @@ def import_(source, db) -> None:
     for where, reason in done.failed:
         click.echo(f"failed: {where}: {reason}", err=True)
     click.echo(done.line(), err=True)
+    if done.failed and not done.files:  # nothing given could be read at all
+        sys.exit(1)
 
 
 @main.command()

@@ -294,5 +294,8 @@ def test_the_commands_export_and_import_with_one_line_per_failure(indexed, tmp_p
         q = root / "p2.jpg"
         assert [(m.path, round(m.score, 5)) for m in a.search(q, k=5, verify=0)] == \
             [(m.path, round(m.score, 5)) for m in b.search(q, k=5, verify=0)]
+    # Nothing given could be read: the command failed.
+    result = runner.invoke(main, ["import", str(tmp_path / "parts" / "notes.parquet"), "--db", str(new)])
+    assert result.exit_code == 1 and result.output.strip().endswith("1 failed, from 0 files"), result.output
     result = runner.invoke(main, ["import", str(tmp_path / "nothing-here"), "--db", str(new)])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and len(result.output.splitlines()) == 1
