@@ -68,8 +68,8 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {cpu}, {mem:.0f} GiB RAM"
 
 
-def path_of(i: int) -> str:
-    return f"/synthetic/f{i % FOLDERS:03d}/{i:08d}.jpg"
+def path_of(i: int, batch: str = "") -> str:
+    return f"/synthetic/f{i % FOLDERS:03d}/{batch}{i:08d}.jpg"
 
 
 def fill(store, n: int, seed: int) -> None:
@@ -178,25 +178,41 @@ def drop_caches(path: Path) -> bool:
 
 
 def open_searcher(db: Path, rec: Record, q: np.ndarray) -> None:
-    """Open time and memory of a Searcher, cold (file pages dropped) and warm, and how
-    its memory grows with 100 queries (the mapped lists they visit)."""
-    import faiss  # noqa: F401 - the import is not the index's cost
+    """Open time and memory of a Searcher in a fresh process, cold (the index file's
+    pages dropped from the cache) and warm, and its memory after 100 queries."""
+    import subprocess
 
     from indexer import vectors
-    from search import Searcher
 
+    np.save(db.with_suffix(".queries.npy"), q[:100])
     for label in ("cold", "warm"):
         if label == "cold":
             drop_caches(vectors.index_path(db))
-        before = rss_mb()
-        t = time.perf_counter()
-        s = Searcher(db)
-        took = time.perf_counter() - t
-        opened = rss_mb()
-        s.search_vectors(q[:100], 10, qe=0)
-        rec[f"open_{label}"] = {"seconds": round(took, 3), "rss_growth_mb": round(opened - before, 1),
-                                "rss_growth_after_100_queries_mb": round(rss_mb() - before, 1)}
-        s.close()
+        out = subprocess.run([sys.executable, __file__, "0", "--probe", str(db)], check=True,
+                             capture_output=True, text=True).stdout
+        rec[f"open_{label}"] = json.loads(out.strip().splitlines()[-1])
+
+
+def probe(db: Path) -> None:
+    """In this fresh process: open a Searcher, then search 100 queries, printing the time
+    and the resident memory (anonymous, and of mapped files) after each step."""
+    import faiss  # noqa: F401 - the import is not the index's cost
+
+    from search import Searcher
+
+    def memory() -> dict:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return {k: round(int(fields[k].split()[0]) / 1024, 1) for k in ("RssAnon", "RssFile")}
+
+    before = memory()
+    t = time.perf_counter()
+    s = Searcher(db)
+    took = time.perf_counter() - t
+    opened = memory()
+    s.search_vectors(np.load(db.with_suffix(".queries.npy")), 10, qe=0)
+    after = memory()
+    print(json.dumps({"seconds": round(took, 3), "mb_before": before, "mb_opened": opened,
+                      "mb_after_100_queries": after}))
 
 
 def queries_and_truth(store, index, n: int, seed: int):
@@ -231,8 +247,8 @@ def filtered(store, index, q, rec: Record) -> None:
         allowed = store.ids_under([f"/synthetic/f{i:03d}" for i in range(folders)])
         truth = exact_truth(store, index, q[:100], allowed=allowed)
         t = time.perf_counter()
-        found = index.search(q[:100], 10, allowed=allowed)[1]
-        ms = (time.perf_counter() - t) * 10
+        found = np.concatenate([index.search(row[None], 10, allowed=allowed)[1] for row in q[:100]])
+        ms = (time.perf_counter() - t) * 10  # one query at a time: ms a query
         inside = bool(np.isin(found[found >= 0], allowed).all())
         out[share] = {"images": len(allowed), "recall": recall(found, truth), "mean_ms": round(ms, 2),
                       "all_inside": inside, "full_rows": bool(((found >= 0).sum(axis=1) == 10).all())}
@@ -258,7 +274,7 @@ def churn(store, index, n: int, seed: int, rec: Record):
         s.commit()
     index.remove(gone)
     before = set(store.ok_ids().tolist())
-    fill_more(store, len(gone), n, seed + 3)
+    fill_more(store, len(gone), f"g{store.generation()}-", seed + 3)  # new paths at each run
     new = np.array(sorted(set(store.ok_ids().tolist()) - before), np.int64)
     index.add(new, np.stack([v for _, v in sorted(store.vectors_by_id(new).items())]))
     vectors.save(store, index, store.generation())
@@ -266,7 +282,7 @@ def churn(store, index, n: int, seed: int, rec: Record):
     return gone
 
 
-def fill_more(store, count: int, offset: int, seed: int) -> None:
+def fill_more(store, count: int, batch: str, seed: int) -> None:
     from sqlalchemy import insert
 
     from indexer.store import OK, ImageRow, now as stamp, pack_vector
@@ -274,7 +290,7 @@ def fill_more(store, count: int, offset: int, seed: int) -> None:
     with store.session() as s:
         done = 0
         for chunk in synth.descriptors(count, seed=seed, chunk=50_000):
-            s.execute(insert(ImageRow), [dict(path=path_of(offset + done + j), size=1, mtime_ns=0, sha256=None,
+            s.execute(insert(ImageRow), [dict(path=path_of(done + j, batch), size=1, mtime_ns=0, sha256=None,
                                               width=640, height=480, status=OK, error=None,
                                               embedding=pack_vector(v), indexed_at=stamp())
                                          for j, v in enumerate(chunk)])
@@ -298,6 +314,18 @@ def float16_cost(rec: Record, n: int = 200_000, queries: int = 1000) -> None:
                       "cosine_to_float32_min": round(float(cos.min()), 7)}
 
 
+def filters_only(db: Path, n: int, seed: int, rec: Record) -> None:
+    """The filter figures again, on an existing database and index."""
+    from indexer import vectors
+    from indexer.store import Store
+
+    store = Store(db, create=False)
+    index = vectors.load(store, mmap=True)
+    q, _ = synth.queries(QUERIES, base_n=n, seed=seed)
+    filtered(store, index, index.space(q), rec)
+    store.close()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("n", type=int)
@@ -307,7 +335,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--float16", action="store_true", help="only measure what float16 storage costs")
     ap.add_argument("--reuse", action="store_true", help="keep a current index of the key (no build)")
+    ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # a fresh process for open_searcher
+    ap.add_argument("--filters-only", action="store_true", help="only the filter figures, on an existing run")
     args = ap.parse_args(argv)
+    if args.probe:
+        return probe(args.probe)
+    if args.filters_only:
+        db = args.work / f"scale-{args.n}.db"
+        rec = Record(args.out or REPO / "bench" / f"scale-{args.n}-filters.json", n=args.n)
+        return filters_only(db, args.n, args.seed, rec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from indexer import vectors
 
