@@ -32,8 +32,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 EXACT, AUTO = "exact", "auto"
-# Auto keeps exact search up to this many images: exact scores, and a query over
-# 100,000 descriptors still takes tens of milliseconds on 2 cores (bench/SCALE.md).
+# Auto keeps exact search up to this many images: exact scores, and a search over
+# 100,000 descriptors still takes 40 to 80 ms on 2 cores (README, "Large collections").
 EXACT_MAX = 100_000
 # The index's size in RAM that auto stays within (codes and ids; --memory).
 DEFAULT_MEMORY = 4 << 30

@@ -154,11 +154,17 @@ def test_under_keeps_the_k_best_images_of_the_folders(library, db):
     assert len(paths) == 3 and all(p.startswith(str(library / "f2") + "/") for p in paths)
 
 
-def test_under_works_on_a_compressed_index_too(library, db):
+@pytest.mark.parametrize("small_filter", [vectors.SMALL_FILTER, 0], ids=["exact", "selector"])
+def test_under_works_on_a_compressed_index_too(library, db, monkeypatch, small_filter):
+    # 0: no filter is small, so the ids go to FAISS as a selector (with widening).
+    monkeypatch.setattr(vectors, "SMALL_FILTER", small_filter)
     index(db, library, index=TINY_IVF)
     with Searcher(db) as s:
         got = s.search(library / "f0" / "p00.jpg", k=8, under=library / "f2")
         assert sorted(m.path for m in got) == sorted(str(p) for p in (library / "f2").glob("*.jpg"))
+        three = s.search(library / "f0" / "p00.jpg", k=3, qe=0, under=library / "f1")
+        every = [m for m in s.search(library / "f0" / "p00.jpg", k=24, qe=0) if "/f1/" in m.path]
+        assert [m.path for m in three] == [m.path for m in every[:3]]
 
 
 def test_descriptors_are_stored_as_float16_and_float32_databases_are_migrated(library, db):
