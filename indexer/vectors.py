@@ -303,6 +303,7 @@ class VectorIndex:
             x = l2n((x[nn] * w[..., None]).sum(axis=1)).astype(np.float32)
         out = VectorIndex(_new_faiss(EXACT, self.space_dim), self.layout, self.store, self.whitening, self.dim)
         out._index.add_with_ids(np.ascontiguousarray(x), ids)
+        out.generation = self.generation
         return out
 
     def describe(self) -> dict:

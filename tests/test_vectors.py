@@ -191,3 +191,15 @@ def test_descriptors_are_stored_as_float16_and_float32_databases_are_migrated(li
     assert [p for p, _ in after] == [p for p, _ in before]
     assert np.allclose([x for _, x in after], [x for _, x in before], atol=1e-6)
     assert run("check", "--db", db).exit_code == 0
+
+
+def test_an_augmented_index_is_made_once_and_refused_for_a_compressed_one(library, db):
+    index(db, library)
+    with Searcher(db, dba=1) as s:
+        made = s.index
+        for p in sorted(library.rglob("*.jpg"))[:2]:
+            assert s.search(p, k=3)[0].path == str(p)
+        assert s.index is made  # not made again at each search
+    index(db, library, index=TINY_IVF)
+    with pytest.raises(ValueError, match="needs an exact index"):
+        Searcher(db, dba=1)
