@@ -71,11 +71,17 @@ def _hidden_below(path: str, roots: Sequence[str]) -> bool:
     return False
 
 
-def _save(store: Store, index: vectors.VectorIndex, generation: int, asked: bool = False) -> None:
+def _save(store: Store, index: vectors.VectorIndex, generation: int,
+          previous: tuple[str, int] | None = None) -> None:
     """Write the vector index, first rebuilt if the collection now calls for another kind
-    (``asked``: the choice was given for this run); a failed write is a StoreError (the
-    database is already saved)."""
-    index = vectors.maintain(store, index, asked)
+    (``previous``: the choice before this run asked for a new one, kept again if the new
+    one cannot be built); a failed write is a StoreError (the database is already saved)."""
+    try:
+        index = vectors.maintain(store, index, asked=previous is not None)
+    except vectors.IndexChoiceError:
+        if previous is not None:
+            vectors.set_choice(store, *previous, store.recipe().dim)
+        raise
     try:
         vectors.save(store, index, generation)
     except OSError as exc:
@@ -308,6 +314,7 @@ class Indexer(Tuning):
                progress: Progress | None) -> Summary:
         recipe, encoder = self._bind_recipe(store, device)
         asked = (self.index_choice, self.memory) != (None, None)
+        previous = vectors.stored_choice(store) if asked else None
         if asked:
             vectors.set_choice(store, self.index_choice, self.memory, recipe.dim)
         summary = Summary()
@@ -339,7 +346,7 @@ class Indexer(Tuning):
             log.warning("no image files under %s", ", ".join(map(display_path, roots)))
         if not candidates and not missing:
             if asked or not vectors.is_current(store):  # rebuild and save a stale FAISS file
-                _save(store, vectors.load(store, save_rebuilt=False), store.generation(), asked)
+                _save(store, vectors.load(store, save_rebuilt=False), store.generation(), previous)
             return summary
 
         hashes, unreadable = self._hash(candidates)
@@ -421,7 +428,7 @@ class Indexer(Tuning):
         if to_embed:
             generation = self._embed(store, encoder or (lambda: self._encoder(recipe, device)),
                                      recipe, to_embed, by_path, hashes, index, summary, progress)
-        _save(store, index, generation, asked)
+        _save(store, index, generation, previous)
         return summary
 
     def _hash(self, files: list[FileStat]) -> tuple[dict[str, str], dict[str, str]]:

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +266,10 @@ class VectorIndex:
     def _reranked(self, q: np.ndarray, ids: np.ndarray, k: int):
         unique = np.unique(ids[ids >= 0])
         vecs = self.vectors(unique)
+        # An id the database no longer holds (a reader's older file) has no vector: drop it.
+        held = np.any(vecs != 0, axis=1)
+        unique, vecs = unique[held], vecs[held]
+        ids = np.where(np.isin(ids, unique), ids, -1)
         where = {int(i): j for j, i in enumerate(unique)}
         scores = np.full((len(q), k), -np.inf, np.float32)
         out = np.full((len(q), k), -1, np.int64)
@@ -518,8 +522,8 @@ def maintain(store: Store, index: VectorIndex, asked: bool = False) -> VectorInd
     choice, memory = stored_choice(store)
     n, layout = len(index), index.layout
     key = choose(n, index.space_dim, choice, memory, layout)
-    if choice == AUTO and not asked and not layout.exact and key != EXACT:
-        key = layout.key  # auto keeps a trained IVF until it is outgrown
+    if choice == AUTO and not asked and not layout.exact and key != EXACT and layout.trained_on:
+        key = layout.key  # auto keeps a trained IVF until it is outgrown (not one of unknown key)
     outgrown = not layout.exact and n > RETRAIN_FACTOR * max(1, layout.trained_on)
     if key == layout.key and not outgrown:
         return index
@@ -553,7 +557,9 @@ def read(store: Store, mmap: bool = False) -> tuple[VectorIndex | None, dict, st
     recipe = store.recipe()
     if not path.exists():
         return None, meta, "no FAISS index on disk" if store.count("ok") else None
-    layout = Layout(**meta["layout"]) if isinstance(meta.get("layout"), dict) else Layout()
+    known = {f.name for f in fields(Layout)}
+    layout = (Layout(**{k: v for k, v in meta["layout"].items() if k in known})
+              if isinstance(meta.get("layout"), dict) else Layout())
     try:
         raw = _read_index(path, mmap and not layout.exact)
     except Exception as exc:  # noqa: BLE001 - unreadable or partial file
@@ -644,7 +650,12 @@ def rebuild(store: Store) -> VectorIndex:
     dim = whitening.dim if whitening is not None else store.recipe().dim
     count = store.count("ok")
     # Nothing to train on yet: exact until an index run has added images.
-    return build(store, choose(count, dim, choice, memory) if count else EXACT)
+    key = choose(count, dim, choice, memory) if count else EXACT
+    try:
+        return build(store, key)
+    except IndexChoiceError as exc:  # a kept choice this collection cannot take: search all the same
+        log.warning("%s; searching exactly until an index run is given another --index", exc)
+        return build(store, EXACT)
 
 
 def save(store: Store, index: VectorIndex, generation: int) -> None:

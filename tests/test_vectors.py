@@ -77,7 +77,9 @@ def test_a_bad_index_choice_is_refused_in_one_line_and_nothing_changes(library, 
     result = run("index", library, "--db", db, "--index", "IVF64,PQ2x4")
     assert result.exit_code == 1 and "cannot be trained on 24 images" in result.output
     assert run("index", library, "--db", db, "--memory", "lots").exit_code == 2
-    assert json.loads(run("info", "--db", db, "--json").output)["vector_index"]["key"] == "exact"
+    info = json.loads(run("info", "--db", db, "--json").output)["vector_index"]
+    assert (info["key"], info["choice"]) == ("exact", "auto")  # the refused choice is not kept
+    assert run("index", library, "--db", db).exit_code == 0  # so later runs work
     index_agrees_with_db(db)
 
 
