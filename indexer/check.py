@@ -314,13 +314,6 @@ class _Checker:
             faults.append(f"{differ} of its vectors differ from the database's")
         return faults
 
-    def _stored(self, ids: list[int]) -> dict[int, np.ndarray]:
-        with self.store.session() as s:
-            return {r.id: unpack_vector(r.embedding, self.recipe.dim)
-                    for start in range(0, len(ids), 900)
-                    for r in s.execute(select(ImageRow.id, ImageRow.embedding)
-                                       .where(ImageRow.id.in_(ids[start:start + 900])))}
-
     def _recompute(self, rows: dict[int, _Row]) -> None:
         """Recompute a sample of embeddings of unchanged files and compare."""
         skip = self.fix.drop.keys() | self.fix.reembed.keys() | self.unreachable
@@ -333,7 +326,7 @@ class _Checker:
         if fresh is None:
             return
         self.report.recomputed += len(candidates)
-        stored = self._stored([r.id for r in candidates])
+        stored = self.store.vectors_by_id(r.id for r in candidates)
         stored_local = self.store.local_features(stored) if self.recipe.has_local else {}
         differ = []
         for row, result in zip(candidates, fresh):
