@@ -71,13 +71,6 @@ class Layout:
     def exact(self) -> bool:
         return self.key == EXACT
 
-    def describe(self) -> str:
-        if self.exact:
-            return "exact (every vector compared)"
-        recall = f"{self.recall:.3f}" if self.recall is not None else "not measured"
-        return (f"{self.key}, trained on {self.trained_on} images, nprobe {self.nprobe}, "
-                f"recall@10 {recall}, re-ranking {RERANK} by exact cosine")
-
 
 def parse_memory(text: str) -> int:
     """Bytes from '4G', '512M', '2GiB' or a plain number; ValueError otherwise."""
