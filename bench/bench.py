@@ -364,12 +364,23 @@ def breakdown(paths: list[Path], recipe, device: str, batch_size: int):
 
 
 def db_vectors(db: Path) -> dict[str, np.ndarray]:
+    """The stored descriptors by path (float16 since issue 10), read through the store."""
+    from indexer.store import Store
+
+    store = Store(db, create=False)
+    try:
+        paths = [p for p, in store_paths(db)]
+        return store.embeddings_at(paths)
+    finally:
+        store.close()
+
+
+def store_paths(db: Path) -> list[tuple[str]]:
     con = sqlite3.connect(db)
     try:
-        rows = con.execute("SELECT path, embedding FROM images WHERE status = 'ok'").fetchall()
+        return con.execute("SELECT path FROM images WHERE status = 'ok'").fetchall()
     finally:
         con.close()
-    return {p: np.frombuffer(e, dtype=np.float32) for p, e in rows}
 
 
 # -- main -----------------------------------------------------------------------------------
