@@ -399,3 +399,28 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         except Exception as exc:  # noqa: BLE001 - a broken profile: fall back to the plain formula
             log.debug("ignoring a broken ICC profile: %s", _reason(exc))
     return im.convert("RGB")
+
+
+THUMBNAIL_SIZES = (64, 128, 256, 512)
+DEFAULT_THUMBNAIL = 256
+
+
+def thumbnail(source: str | os.PathLike | Image.Image, longest: int = DEFAULT_THUMBNAIL,
+              max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 82) -> bytes:
+    """A JPEG of ``source``, upright (EXIF orientation applied), longest side at most ``longest``.
+
+    Never enlarged. Raises DecodeError as open_image does.
+    """
+    import io
+
+    if longest < 1:
+        raise ValueError("a thumbnail's longest side must be at least 1")
+    decoded = open_image(source, longest, max_pixels)
+    im = Image.fromarray(decoded.pixels, "RGB")
+    # open_image sets the longest side; a picture smaller than that is not enlarged.
+    small = _never_larger((decoded.width, decoded.height), longest)
+    if max(small) < max(im.size):
+        im = im.resize(small, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=quality, optimize=True)
+    return out.getvalue()

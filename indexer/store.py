@@ -7,6 +7,7 @@ import os
 import socket
 import sqlite3
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +52,20 @@ def unpack_vectors(blobs, dim: int) -> np.ndarray:
     if all(len(b) == 2 * dim for b in blobs):
         return np.frombuffer(b"".join(blobs), VECTOR_DTYPE).reshape(len(blobs), dim).astype(np.float32)
     return np.stack([unpack_vector(b, dim) for b in blobs])
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An indexed image's row, without its descriptor."""
+
+    id: int
+    path: str
+    width: int
+    height: int
+    size: int  # bytes
+    mtime_ns: int
+    sha256: str | None
+    indexed_at: dt.datetime
 
 
 class StoreError(Exception):
@@ -410,6 +425,35 @@ class Store:
                                    .where(ImageRow.id.in_(chunk), ImageRow.status == OK)):
                     out[r.id] = (r.path, r.width or 0, r.height or 0)
         return out
+
+    def records(self, ids) -> dict[int, "ImageRecord"]:
+        """The metadata (no descriptor) of the indexed images among ``ids``, by id."""
+        ids = sorted({int(i) for i in ids})
+        cols = (ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height, ImageRow.size,
+                ImageRow.mtime_ns, ImageRow.sha256, ImageRow.indexed_at)
+        out: dict[int, ImageRecord] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 900):
+                for r in s.execute(select(*cols).where(ImageRow.id.in_(ids[start:start + 900]),
+                                                       ImageRow.status == OK)):
+                    out[r.id] = ImageRecord(r.id, r.path, r.width or 0, r.height or 0, r.size,
+                                            r.mtime_ns, r.sha256, r.indexed_at)
+        return out
+
+    def same_bytes(self, ids=None) -> list[list[int]]:
+        """Sets of indexed images with identical bytes (same SHA-256), each sorted by id,
+        among ``ids`` (None: the whole collection)."""
+        keep = None if ids is None else {int(i) for i in ids}
+        shared = (select(ImageRow.sha256).where(ImageRow.status == OK, ImageRow.sha256.is_not(None))
+                  .group_by(ImageRow.sha256).having(func.count(ImageRow.id) > 1))
+        groups: dict[str, list[int]] = {}
+        with self.session() as s:
+            for r in s.execute(select(ImageRow.id, ImageRow.sha256)
+                               .where(ImageRow.status == OK, ImageRow.sha256.in_(shared))
+                               .order_by(ImageRow.id)):
+                if keep is None or r.id in keep:
+                    groups.setdefault(r.sha256, []).append(r.id)
+        return [g for g in groups.values() if len(g) > 1]
 
     def embeddings_at(self, paths) -> dict[str, np.ndarray]:
         """Raw descriptors of the indexed images among ``paths``, by path, in chunks that stay
