@@ -215,6 +215,15 @@ class VectorIndex:
             return self._exact(q, k, allowed)
         return self._ivf(q, k, allowed, nprobe or self.layout.nprobe)
 
+    def neighbours(self, ids: np.ndarray, k: int, allowed: np.ndarray | None = None, batch: int = 2048):
+        """Each of ``ids``' ``k`` nearest images besides itself (among ``allowed``), searched
+        a batch at a time: yields (ids, cosines, neighbour ids) per batch, rows as ``search``
+        gives them (the image itself may be among them: the caller drops it)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            yield (chunk, *self.search(self.vectors(chunk), k + 1, allowed))
+
     def _among(self, q: np.ndarray, k: int, allowed: np.ndarray):
         """Exact search over the stored descriptors of ``allowed`` (those indexed)."""
         found = self.store.vectors_by_id(allowed)

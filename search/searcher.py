@@ -205,7 +205,7 @@ class Searcher:
             turns = [(r, f) for r in (ROTATIONS if rotations else (0,)) for f in ((False, True) if flip else (False,))]
             vecs = [self.encoder.embed(_turn(decoded.pixels, r, f))[0] for r, f in turns]
         exclude = set(map(int, exclude))
-        allowed = self._allowed(under)
+        allowed = self.ids_under(under)
         ranked = self._ranked(np.stack(vecs), max(k, depth), qe, exclude, merge=True, allowed=allowed)[0]
         if depth:
             nominees = [] if rotations else self._turned_nominees(
@@ -307,9 +307,9 @@ class Searcher:
         result list, each image with its best score over the rows.
         """
         return [[m for m, _ in row] for row in self._ranked(vecs, k, qe, {int(i) for i in exclude}, merge,
-                                                            self._allowed(under))]
+                                                            self.ids_under(under))]
 
-    def _allowed(self, under: Folders) -> np.ndarray | None:
+    def ids_under(self, under: Folders) -> np.ndarray | None:
         """Sorted ids of the images under the folder(s) ``under`` (None: no filter)."""
         if under is None:
             return None
@@ -373,6 +373,13 @@ class Searcher:
                                     float(rank)))
             out.append(matches)
         return out
+
+    def duplicates(self, **options) -> list:
+        """Groups of images that are the same picture (``search.duplicates.find``, whose
+        ``options`` these are)."""
+        from . import duplicates
+
+        return duplicates.find(self, **options)
 
     def search_many(self, queries: Iterable[Query], k: int = 10, **options) -> Iterable[list[Match]]:
         """Search each query in turn (``options`` as for ``search``); yields one result list per query."""

@@ -1,0 +1,317 @@
+"""Which indexed images are the same picture? Groups of exact and near duplicates.
+
+- Exact: identical bytes (the SHA-256 stored for each file).
+- Near: the same picture after something was done to the file: resized,
+  recompressed, cropped a little, recoloured or made grey, turned.
+
+Candidates come from the vector index: each image's NEIGHBOURS nearest images
+whose similarity reaches the threshold, found by FAISS in batches (never a
+loop over pairs). Another shot of the same scene can be as similar as a grey
+or turned copy, so when the database holds local features a candidate counts
+only if its keypoints land on the other image's under one affine map, tightly
+and over much of the picture (``indexer.local.correspond``): what an edit of
+the file does, and a second shot, with its shift of viewpoint, does not.
+Without local features the similarity alone decides, at a stricter threshold.
+
+Confirmed pairs are joined into groups, with a guard against chaining: every
+member must be a confirmed duplicate of the group's keeper, and those that are
+not make groups of their own. The keeper suggested is the image with the most
+pixels, then the largest file, then the oldest (modification time), then the
+first indexed. Nothing here deletes or moves a file.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import numpy as np
+
+from indexer import local
+from indexer.decode import DecodeError, open_image
+
+if TYPE_CHECKING:
+    from indexer.store import ImageRecord
+
+    from .searcher import Folders, Searcher
+
+log = logging.getLogger(__name__)
+
+# Nearest images examined per image: a copy is among its original's first few even when
+# turned or recoloured (bench/DUPLICATES.md), and more would only feed the local check.
+NEIGHBOURS = 10
+# Similarity a candidate pair needs when local features confirm it: low, so that turned,
+# grey and cropped copies are examined; the local check keeps precision.
+DEFAULT_THRESHOLD = 0.3
+# Without local features the similarity is all there is: only near-identical pictures.
+GLOBAL_ONLY_THRESHOLD = 0.95
+# What a confirmed pair must show (indexer.local.Correspondence), measured in
+# bench/DUPLICATES.md on edited copies and on other shots of the same landmarks and covers.
+MIN_INLIERS = 10
+MIN_SHARE = 0.05
+MIN_TIGHT = 0.6
+MAX_SCALE_RATIO = 2.0
+# Then the pixels (indexer.local.PixelMatch): each picture covers half the other at least
+# (a slight crop keeps far more), and every textured part agrees. Two frames of a burst
+# agree on the background, not where the subject moved.
+MIN_OVERLAP = 0.5
+MIN_AGREEMENT = 0.7
+# Pixels compared: the longest side, grey (local.compare_pixels).
+GREY_SIZE = 256
+# Images whose local features and small grey pictures are kept while pairs are checked
+# (some 70 KB and 20 KB each), and candidate pairs read at a time.
+CACHE = 4096
+PAIR_BATCH = 2000
+BATCH = 2048
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One image of a group, with its likeness to the group's keeper."""
+
+    id: int
+    path: str
+    similarity: float  # cosine to the keeper's descriptor (1.0: the keeper, or the same bytes)
+    inliers: int  # keypoints the affine map carries onto the keeper's (0: not checked)
+    width: int
+    height: int
+    bytes: int
+    mtime: str  # ISO 8601, UTC
+    sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "path": self.path, "similarity": round(self.similarity, 4),
+                "inliers": self.inliers, "width": self.width, "height": self.height,
+                "bytes": self.bytes, "mtime": self.mtime}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Images that are the same picture; the suggested keeper first."""
+
+    kind: str  # "exact": every member has the same bytes; else "near"
+    members: tuple[Member, ...]
+
+    @property
+    def keeper(self) -> Member:
+        return self.members[0]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "keeper": self.keeper.path,
+                "members": [m.to_dict() for m in self.members]}
+
+
+def find(searcher: "Searcher", *, threshold: float | None = None, under: "Folders" = None,
+         exact_only: bool = False, progress: Progress | None = None) -> list[Group]:
+    """Groups of duplicates among the indexed images (those under ``under``, if given),
+    the largest first. ``threshold``: the similarity a near pair needs (default:
+    DEFAULT_THRESHOLD with local features, GLOBAL_ONLY_THRESHOLD without)."""
+    verified = searcher.recipe.has_local and searcher.recipe.local_codec == local.codec()
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD if verified else GLOBAL_ONLY_THRESHOLD
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie between -1 and 1, not {threshold:g}")
+    allowed = searcher.ids_under(under)
+    store = searcher.store
+    same = store.same_bytes(allowed)
+    edges: dict[tuple[int, int], tuple[float, int]] = {
+        (min(g), i): (1.0, 0) for g in same for i in g[1:]}
+    checker = _Checker(searcher, verified, threshold)
+    if not exact_only:
+        index = searcher.index
+        ids = index.ids()
+        if allowed is not None:  # the filter may name failed files, which have no vector
+            ids = np.intersect1d(ids, allowed)
+        twin = {i: min(g) for g in same for i in g}
+        pairs = _candidates(index, np.sort(ids), allowed, threshold, twin, progress)
+        edges.update(checker.confirm_all(pairs, progress))
+    records = store.records({i for pair in edges for i in pair})
+    groups = [g for c in _components(edges) for g in _split(c, edges, records, checker)]
+    return sorted(groups, key=lambda g: (-len(g.members), g.keeper.path))
+
+
+def _candidates(index, ids: np.ndarray, allowed: np.ndarray | None, threshold: float,
+                twin: dict[int, int], progress: Progress | None) -> dict[tuple[int, int], float]:
+    """Pairs (a < b) of images each other's near neighbours, with their cosine; a file with
+    the same bytes as another stands for it (its pairs are its twin's)."""
+    out: dict[tuple[int, int], float] = {}
+    for done, (chunk, sims, nbrs) in enumerate(index.neighbours(ids, NEIGHBOURS, allowed, BATCH)):
+        for i, srow, nrow in zip(chunk, sims, nbrs):
+            a = twin.get(int(i), int(i))
+            for s, j in zip(srow, nrow):
+                b = twin.get(int(j), int(j))
+                if j < 0 or s < threshold or a == b:
+                    continue
+                key = (a, b) if a < b else (b, a)
+                if out.get(key, -2.0) < s:
+                    out[key] = float(s)
+        if progress:
+            progress("neighbours", min(len(ids), (done + 1) * BATCH), len(ids))
+    return out
+
+
+class _Checker:
+    """Says whether two images are the same picture: their local features first, then
+    their pixels. What it reads is cached."""
+
+    def __init__(self, searcher: "Searcher", verified: bool, threshold: float):
+        self.searcher, self.verified, self.threshold = searcher, verified, threshold
+        self._features: OrderedDict[int, local.Features | None] = OrderedDict()
+        self._greys: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def confirm_all(self, pairs: dict[tuple[int, int], float],
+                    progress: Progress | None) -> dict[tuple[int, int], tuple[float, int]]:
+        """The pairs that are duplicates, with (similarity, inliers)."""
+        out = {}
+        # By first image, so that its features are read once and stay cached.
+        todo = sorted(pairs.items())
+        for start in range(0, len(todo), PAIR_BATCH):
+            batch = todo[start:start + PAIR_BATCH]
+            self._prefetch({i for pair, _ in batch for i in pair})
+            for pair, sim in batch:
+                inliers = self.inliers(*pair)
+                if inliers is not None:
+                    out[pair] = (sim, inliers)
+            if progress:
+                progress("pairs", start + len(batch), len(todo))
+        return out
+
+    def check(self, a: int, b: int) -> tuple[float, int] | None:
+        """(similarity, inliers) of a pair that is not a candidate, if a duplicate."""
+        va, vb = self.searcher.index.vectors([a, b])
+        sim = float(va @ vb)
+        if sim < self.threshold:
+            return None
+        inliers = self.inliers(a, b)
+        return None if inliers is None else (sim, inliers)
+
+    def inliers(self, a: int, b: int) -> int | None:
+        """Inliers of a confirmed pair (0 when confirmed by similarity alone); None if not."""
+        if not self.verified:
+            return 0
+        fa, fb = self._feature(a), self._feature(b)
+        if fa is None or fb is None:
+            return None
+        c = local.correspond(fa, fb)
+        if not keypoints_agree(c):
+            return None
+        ga, gb = self._grey(a), self._grey(b)
+        if ga is None or gb is None:
+            return None
+        return c.inliers if pixels_agree(local.compare_pixels(ga, fa, gb, fb, c.affine)) else None
+
+    def _prefetch(self, ids: set[int]) -> None:
+        missing = [i for i in ids if i not in self._features]
+        blobs = self.searcher.store.local_features(missing) if missing else {}
+        for i in missing:
+            self._remember(self._features, i, self._decoded(i, blobs.get(i)))
+
+    def _feature(self, i: int) -> local.Features | None:
+        if i not in self._features:
+            self._prefetch({i})
+        self._features.move_to_end(i)
+        return self._features[i]
+
+    @staticmethod
+    def _decoded(i: int, blob: bytes | None) -> local.Features | None:
+        try:
+            return local.decode(blob) if blob is not None else None
+        except local.FeaturesError as exc:
+            log.warning("image id %d: %s ('lookalike check --repair' mends it)", i, exc)
+            return None
+
+    def _grey(self, i: int) -> np.ndarray | None:
+        """The image small and grey, upright as its features; None if it cannot be read now."""
+        if i not in self._greys:
+            path = self.searcher.store.describe_ids([i]).get(i, (None,))[0]
+            grey = None
+            try:
+                grey = open_image(path, GREY_SIZE, gray=GREY_SIZE).gray if path else None
+            except DecodeError as exc:
+                log.warning("%s: %s; not compared", path, exc)
+            self._remember(self._greys, i, grey)
+        self._greys.move_to_end(i)
+        return self._greys[i]
+
+    @staticmethod
+    def _remember(cache: OrderedDict, key: int, value) -> None:
+        cache[key] = value
+        if len(cache) > CACHE:
+            cache.popitem(last=False)
+
+
+def keypoints_agree(c: local.Correspondence) -> bool:
+    """Whether the keypoints say "maybe the same picture": enough of them carried closely
+    by one affine map."""
+    return (c.inliers >= MIN_INLIERS and c.share >= MIN_SHARE and c.tight >= MIN_TIGHT
+            and c.scale_ratio <= MAX_SCALE_RATIO)
+
+
+def pixels_agree(p: local.PixelMatch) -> bool:
+    """Whether the pixels say "the same picture": the pictures cover much of each other and
+    agree all over."""
+    return p.overlap >= MIN_OVERLAP and p.agreement >= MIN_AGREEMENT
+
+
+def _components(edges: Iterable[tuple[int, int]]) -> list[set[int]]:
+    """Connected sets of ids (union-find)."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        parent[root(a)] = root(b)
+    out: dict[int, set[int]] = {}
+    for x in list(parent):
+        out.setdefault(root(x), set()).add(x)
+    return list(out.values())
+
+
+def _keeper_order(r: "ImageRecord") -> tuple:
+    """Most pixels, then largest file, then oldest, then first indexed."""
+    return (-(r.width * r.height), -r.size, r.mtime_ns, r.id)
+
+
+def _split(ids: set[int], edges: dict[tuple[int, int], tuple[float, int]],
+           records: dict[int, "ImageRecord"], checker: _Checker) -> list[Group]:
+    """``ids`` as groups in which each member is a duplicate of the keeper: the keeper's
+    duplicates first, then the rest grouped again."""
+    left = sorted((i for i in ids if i in records), key=lambda i: _keeper_order(records[i]))
+    groups = []
+    while len(left) > 1:
+        keeper, rest = left[0], left[1:]
+        members, others = [(keeper, 1.0, 0)], []
+        for i in rest:
+            found = _link(keeper, i, edges, records, checker)
+            (members.append((i, *found)) if found else others.append(i))
+        if len(members) > 1:
+            groups.append(_group(members, records))
+        left = others if len(members) > 1 else rest
+    return groups
+
+
+def _link(keeper: int, i: int, edges, records, checker: _Checker) -> tuple[float, int] | None:
+    """(similarity, inliers) if ``i`` is a duplicate of ``keeper``, else None."""
+    if records[keeper].sha256 and records[keeper].sha256 == records[i].sha256:
+        return 1.0, 0
+    known = edges.get((min(keeper, i), max(keeper, i)))
+    # Else it was joined to the keeper through others: is it a duplicate of the keeper itself?
+    return known if known is not None else checker.check(keeper, i)
+
+
+def _group(members: list[tuple[int, float, int]], records: dict[int, "ImageRecord"]) -> Group:
+    out = []
+    for i, sim, inliers in members:
+        r = records[i]
+        mtime = dt.datetime.fromtimestamp(r.mtime_ns / 1e9, dt.timezone.utc).isoformat(timespec="seconds")
+        out.append(Member(i, r.path, sim, inliers, r.width, r.height, r.size, mtime, r.sha256))
+    exact = len({m.sha256 for m in out}) == 1 and out[0].sha256 is not None
+    return Group("exact" if exact else "near", tuple(out))
