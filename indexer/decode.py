@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import logging
 import math
 import numbers
@@ -411,8 +412,6 @@ def thumbnail(source: str | os.PathLike | Image.Image, longest: int = DEFAULT_TH
 
     Never enlarged. Raises DecodeError as open_image does.
     """
-    import io
-
     if longest < 1:
         raise ValueError("a thumbnail's longest side must be at least 1")
     decoded = open_image(source, longest, max_pixels)
@@ -424,3 +423,53 @@ def thumbnail(source: str | os.PathLike | Image.Image, longest: int = DEFAULT_TH
     out = io.BytesIO()
     im.save(out, "JPEG", quality=quality, optimize=True)
     return out.getvalue()
+
+
+# --- uploads ----------------------------------------------------------------------------
+
+
+class _DeadlineFile(io.BytesIO):
+    """Bytes in memory whose reads raise DecodeError once ``deadline`` (time.monotonic) has
+    passed: a decode time limit that works in any thread, unlike ``time_limit``."""
+
+    deadline: float | None = None
+    timeout: float = 0.0
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DecodeError(f"decoding took longer than {self.timeout:g} s")
+        return super().read(size)
+
+
+def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                timeout: float | None = None) -> Image.Image:
+    """Open image bytes received over the network, lazily: only the header is read, and
+    the declared size is checked against ``max_pixels`` before any pixel is decoded.
+
+    Pass the result to ``open_image`` (or ``Searcher.search``), which decodes it with the
+    same guards as a file. Nothing is written to disk. ``timeout`` (seconds, counted from
+    this call's return) limits that decoding from any thread: Pillow reads JPEG, PNG, GIF
+    and BMP data in chunks of 64 KB as it decodes, and a read after the deadline raises
+    DecodeError; formats decoded in one call into C (WebP, AVIF, HEIF, compressed TIFF)
+    are bounded by ``max_pixels`` only. Raises DecodeError with a one-line reason.
+    """
+    register_plugins()
+    if not data:
+        raise DecodeError("empty file")
+    fp = _DeadlineFile(data)
+    try:
+        im = Image.open(fp)
+        _check_size(im.width, im.height, max_pixels)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"decompression bomb: {_one_line(str(exc))}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not an image Pillow can read") from None
+    except Exception as exc:  # noqa: BLE001 - a bad header in any plugin: the upload's failure
+        if isinstance(exc, OSError) and exc.errno in PROCESS_ERRNOS:
+            raise
+        raise DecodeError(f"damaged: {_reason(exc)}") from None
+    if timeout:
+        fp.timeout, fp.deadline = timeout, time.monotonic() + timeout
+    return im
