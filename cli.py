@@ -296,7 +296,10 @@ def _query_paths(images: tuple[str, ...]):
 @click.option("--box", callback=_box, help="Query by a region of the image: X0,Y0,X1,Y1 in pixels (upright image).")
 @click.option("--under", multiple=True, type=click.Path(), metavar="FOLDER",
               help="Only results under this folder (repeat for several).")
-def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, verify, box, under) -> None:
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="Also write a contact sheet of the queries and their results to this HTML file.")
+def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, verify, box, under,
+          html_out) -> None:
     """Print the indexed images most similar to each IMAGE (a file, a folder, or - for paths on stdin).
 
     The table shows rank, cosine similarity, verified inliers (blank: not
@@ -309,7 +312,7 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, ver
 
     from search.searcher import DEFAULT_QE
 
-    failures = 0
+    failures, sheet_entries = 0, []
     options = dict(qe=DEFAULT_QE if qe is None else qe, rotations=rotations, flip=flip, box=box,
                    under=under or None)
     try:
@@ -324,6 +327,8 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, ver
                     failures += 1
                     click.echo(f"Error: {display_path(path)}: {exc}", err=True)
                     continue
+                if html_out:
+                    sheet_entries.append((path, matches))
                 if as_json:
                     click.echo(json.dumps({"query": path, "results": [m.to_dict() for m in matches]}))
                 else:
@@ -333,8 +338,22 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, ver
                         click.echo(f"  {rank:>3}  {m.score:.4f}  {inliers:>5}  {display_path(m.path)}")
     except _user_errors() as exc:
         raise _fail(exc) from None
+    if html_out:
+        from search import sheet
+
+        _write_sheet(html_out, sheet.query_sheet(sheet_entries))
     if failures:
         sys.exit(1)
+
+
+def _write_sheet(path: str, html: str) -> None:
+    from search import sheet
+
+    try:
+        sheet.write_sheet(path, html)
+    except OSError as exc:
+        raise click.ClickException(f"{path}: {exc.strerror or exc}") from None
+    click.echo(f"lookalike: contact sheet written to {path}", err=True)
 
 
 @main.command()
@@ -475,6 +494,112 @@ def _vector_index_line(v: dict) -> str:
                 f"recall@10 {recall})")
     stale = "" if v["current"] else "; the file is behind the database and is rebuilt on the next open"
     return f"{kind}; chosen by {v['choice']} within {v['memory'] / 2**30:.1f} GiB{stale}"
+
+
+def _duplicates_defaults() -> tuple[float, float]:
+    from search.duplicates import DEFAULT_THRESHOLD, GLOBAL_ONLY_THRESHOLD
+
+    return DEFAULT_THRESHOLD, GLOBAL_ONLY_THRESHOLD
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0),
+              help="Similarity a near pair needs [default: %g with local features, which then "
+                   "confirm each pair; %g without]." % _duplicates_defaults())
+@click.option("--under", multiple=True, type=click.Path(), metavar="FOLDER",
+              help="Only images under this folder (repeat for several).")
+@click.option("--exact-only", is_flag=True, help="Only files with identical bytes.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per group and line.")
+@click.option("--csv", "as_csv", is_flag=True,
+              help="CSV: group, kind, keep, similarity, inliers, width, height, bytes, mtime, path.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="Also write a contact sheet of the groups to this HTML file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def duplicates(db, threshold, under, exact_only, as_json, as_csv, html_out, device) -> None:
+    """List groups of indexed images that are the same picture (never deletes or moves a file).
+
+    Exact duplicates have identical bytes; near duplicates are the same picture
+    resized, recompressed, cropped a little, recoloured or turned. Each group
+    lists the suggested keeper first (most pixels, then largest file, then
+    oldest), then each other member with its similarity to the keeper.
+    """
+    from search import Searcher
+
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv cannot be used together")
+    try:
+        with Searcher(db, device=device) as searcher:
+            groups = searcher.duplicates(threshold=threshold, under=under or None, exact_only=exact_only,
+                                         progress=_stage_progress())
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    _print_groups(groups, as_json, as_csv)
+    if html_out:
+        from search import sheet
+
+        _write_sheet(html_out, sheet.duplicates_sheet(groups))
+    extra = sum(len(g.members) - 1 for g in groups)
+    click.echo(f"lookalike: {len(groups)} groups, {extra} images beside their keepers", err=True)
+
+
+def _stage_progress():
+    """A progress callback (stage, done, total) that draws on a terminal's stderr only."""
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if stage not in bars:
+            for bar in bars.values():
+                bar.render_finish()
+            bars[stage] = click.progressbar(length=total, label=stage, file=sys.stderr)
+        bars[stage].update(done - bars[stage].pos)
+
+    return progress
+
+
+def _print_groups(groups, as_json: bool, as_csv: bool) -> None:
+    from indexer.scan import display_path
+
+    if as_csv:
+        import csv
+
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["group", "kind", "keep", "similarity", "inliers", "width", "height", "bytes",
+                      "mtime", "path"])
+        for n, g in enumerate(groups, 1):
+            for m in g.members:
+                out.writerow([n, g.kind, int(m is g.keeper), f"{m.similarity:.4f}", m.inliers, m.width,
+                              m.height, m.bytes, m.mtime, m.path])
+        return
+    for n, g in enumerate(groups, 1):
+        if as_json:
+            click.echo(json.dumps(g.to_dict()))
+            continue
+        click.echo(f"group {n} ({g.kind}, {len(g.members)} images)")
+        for m in g.members:
+            mark = "keep" if m is g.keeper else f"{m.similarity:.4f}"
+            click.echo(f"  {mark:>6}  {m.width}x{m.height}  {m.bytes:>10,}  {display_path(m.path)}")
+
+
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; mind who can reach it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
+def serve(db, host, port, device, weights) -> None:
+    """Serve the database over HTTP: a search page at / and a JSON API (/docs describes it)."""
+    from search import service
+
+    try:
+        service.run(db, host=host, port=port, device=device, weights=weights)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
 
 
 @main.command("export")
