@@ -416,18 +416,26 @@ class PixelMatch:
 def compare_pixels(ga: np.ndarray, fa: Features, gb: np.ndarray, fb: Features,
                    affine: np.ndarray) -> PixelMatch:
     """Map grey picture ``ga`` onto ``gb`` by ``affine`` (a Correspondence's, in working
-    pixels; the pictures at any size, upright as their features) and compare them cell
-    by cell. Agreement is 0.0 when fewer than four cells tell."""
+    pixels; the pictures at any size, upright as their features), and ``gb`` onto ``ga``,
+    and compare them cell by cell: the better of the two ways (each picture's cells
+    are checked once it is the one mapped onto). Agreement is 0.0 when fewer than four
+    cells tell."""
+    m = _rescale(gb.shape, fb) @ np.vstack([affine, [0, 0, 1]]) @ np.linalg.inv(_rescale(ga.shape, fa))
+    return max(_mapped_onto(ga, gb, m), _mapped_onto(gb, ga, np.linalg.inv(m)), key=lambda p: p.agreement)
+
+
+def _mapped_onto(ga: np.ndarray, gb: np.ndarray, m: np.ndarray) -> PixelMatch:
     cv2 = _cv2()
     hb, wb = gb.shape
-    m = (_rescale(gb.shape, fb) @ np.vstack([affine, [0, 0, 1]]) @ np.linalg.inv(_rescale(ga.shape, fa)))[:2]
-    # Slightly blurred: what survives recompression, and a fraction of a pixel off.
-    warped = cv2.warpAffine(cv2.GaussianBlur(ga.astype(np.float32), (0, 0), COPY_BLUR), m, (wb, hb),
-                            flags=cv2.INTER_LINEAR)
-    inside = cv2.warpAffine(np.ones(ga.shape, np.uint8), m, (wb, hb), flags=cv2.INTER_NEAREST)
+    scale = np.sqrt(abs(np.linalg.det(m[:2, :2])))
+    # Blurred: what survives recompression and a fraction of a pixel off; a picture that
+    # shrinks, more, as it holds detail the smaller one never had.
+    a = cv2.GaussianBlur(ga.astype(np.float32), (0, 0), COPY_BLUR / min(scale, 1.0))
+    warped = cv2.warpAffine(a, m[:2], (wb, hb), flags=cv2.INTER_LINEAR)
+    inside = cv2.warpAffine(np.ones(ga.shape, np.uint8), m[:2], (wb, hb), flags=cv2.INTER_NEAREST)
     b = cv2.GaussianBlur(gb.astype(np.float32), (0, 0), COPY_BLUR)
     covered = float(inside.sum())
-    overlap = min(covered / inside.size, covered / abs(np.linalg.det(m[:, :2])) / ga.size)
+    overlap = min(covered / inside.size, covered / scale ** 2 / ga.size)
     ncc = _cell_correlations(warped, inside, b)
     return PixelMatch(overlap, float(ncc.min()) if len(ncc) >= 4 else 0.0)
 
