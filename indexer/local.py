@@ -441,17 +441,34 @@ def _mapped_onto(ga: np.ndarray, gb: np.ndarray, m: np.ndarray) -> PixelMatch:
 
 
 def _cell_correlations(warped: np.ndarray, inside: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The correlation of each cell of ``b`` that ``warped`` covers; flat cells left out."""
+    """The correlation of each cell of ``b`` that ``warped`` covers (flat cells left out;
+    see ``_correlations``), from per-cell sums."""
     hb, wb = b.shape
-    out = []
-    for ys in np.array_split(np.arange(hb), COPY_CELLS):
-        for xs in np.array_split(np.arange(wb), COPY_CELLS):
-            if not (len(ys) > 1 and len(xs) > 1):
-                continue
-            cell = np.s_[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
-            if inside[cell].mean() >= 0.95:
-                out.append(_correlation(warped[cell], b[cell]))
-    return np.array([c for c in out if c is not None], np.float32)
+    ys = np.unique(np.linspace(0, hb, COPY_CELLS + 1).astype(int))
+    xs = np.unique(np.linspace(0, wb, COPY_CELLS + 1).astype(int))
+
+    def sums(img: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(np.add.reduceat(img.astype(np.float64), ys[:-1], axis=0), xs[:-1], axis=1)
+
+    n = np.outer(np.diff(ys), np.diff(xs)).astype(np.float64)
+    mx, my = sums(warped) / n, sums(b) / n
+    vx = np.maximum(sums(warped * warped) / n - mx * mx, 0)
+    vy = np.maximum(sums(b * b) / n - my * my, 0)
+    cov = sums(warped * b) / n - mx * my
+    told = (sums(inside) / n >= 0.95) & np.outer(np.diff(ys) > 1, np.diff(xs) > 1)
+    return _correlations(np.sqrt(vx[told]), np.sqrt(vy[told]), cov[told])
+
+
+def _correlations(sx: np.ndarray, sy: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """Normalised correlations of cells, from their standard deviations and covariance.
+    Left out: cells that tell nothing, flat in both or flat in one and barely textured in
+    the other (noise correlates with nothing). A cell flat in one and textured in the other
+    counts 0: something is there that is not in the other."""
+    low, high = np.minimum(sx, sy), np.maximum(sx, sy)
+    flat = low < COPY_FLAT
+    keep = ~flat | (high >= 3 * COPY_FLAT)
+    out = np.where(flat, 0.0, cov / np.maximum(sx * sy, 1e-9))
+    return out[keep].astype(np.float32)
 
 
 def _rescale(shape: tuple[int, ...], f: Features) -> np.ndarray:
@@ -461,11 +478,3 @@ def _rescale(shape: tuple[int, ...], f: Features) -> np.ndarray:
     return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
 
 
-def _correlation(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Normalised correlation of two cells; None when it tells nothing: both flat, or
-    one flat and the other barely textured (noise correlates with nothing)."""
-    sx, sy = float(x.std()), float(y.std())
-    if min(sx, sy) < COPY_FLAT:
-        # Structure on one side only: something is there that is not on the other.
-        return 0.0 if max(sx, sy) >= 3 * COPY_FLAT else None
-    return float(((x - x.mean()) * (y - y.mean())).mean()) / (sx * sy)

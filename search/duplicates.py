@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -63,7 +65,7 @@ GREY_SIZE = 256
 # Images whose local features and small grey pictures are kept while pairs are checked
 # (some 70 KB and 20 KB each), and candidate pairs read at a time.
 CACHE = 4096
-PAIR_BATCH = 2000
+PAIR_BATCH = 1000
 BATCH = 2048
 
 Progress = Callable[[str, int, int], None]
@@ -162,22 +164,27 @@ class _Checker:
         self.searcher, self.verified, self.threshold = searcher, verified, threshold
         self._features: OrderedDict[int, local.Features | None] = OrderedDict()
         self._greys: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._lock = threading.Lock()  # for the greys, read by the pool's threads
 
     def confirm_all(self, pairs: dict[tuple[int, int], float],
                     progress: Progress | None) -> dict[tuple[int, int], tuple[float, int]]:
-        """The pairs that are duplicates, with (similarity, inliers)."""
+        """The pairs that are duplicates, with (similarity, inliers), checked on every core
+        (matching and comparing run in OpenCV and numpy, outside the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         out = {}
         # By first image, so that its features are read once and stay cached.
         todo = sorted(pairs.items())
-        for start in range(0, len(todo), PAIR_BATCH):
-            batch = todo[start:start + PAIR_BATCH]
-            self._prefetch({i for pair, _ in batch for i in pair})
-            for pair, sim in batch:
-                inliers = self.inliers(*pair)
-                if inliers is not None:
-                    out[pair] = (sim, inliers)
-            if progress:
-                progress("pairs", start + len(batch), len(todo))
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for start in range(0, len(todo), PAIR_BATCH):
+                batch = todo[start:start + PAIR_BATCH]
+                feats = self._features_of({i for pair, _ in batch for i in pair})
+                verdicts = pool.map(lambda item: self._judge(*item[0], feats), batch, chunksize=32)
+                for (pair, sim), inliers in zip(batch, verdicts):
+                    if inliers is not None:
+                        out[pair] = (sim, inliers)
+                if progress:
+                    progress("pairs", start + len(batch), len(todo))
         return out
 
     def check(self, a: int, b: int) -> tuple[float, int] | None:
@@ -186,14 +193,14 @@ class _Checker:
         sim = float(va @ vb)
         if sim < self.threshold:
             return None
-        inliers = self.inliers(a, b)
+        inliers = self._judge(a, b, self._features_of({a, b}))
         return None if inliers is None else (sim, inliers)
 
-    def inliers(self, a: int, b: int) -> int | None:
+    def _judge(self, a: int, b: int, feats: dict[int, local.Features | None]) -> int | None:
         """Inliers of a confirmed pair (0 when confirmed by similarity alone); None if not."""
         if not self.verified:
             return 0
-        fa, fb = self._feature(a), self._feature(b)
+        fa, fb = feats.get(a), feats.get(b)
         if fa is None or fb is None:
             return None
         c = local.correspond(fa, fb)
@@ -204,17 +211,20 @@ class _Checker:
             return None
         return c.inliers if pixels_agree(local.compare_pixels(ga, fa, gb, fb, c.affine)) else None
 
+    def _features_of(self, ids: set[int]) -> dict[int, local.Features | None]:
+        """The local features of ``ids``, from the cache or read in one go."""
+        self._prefetch(ids)
+        out = {}
+        for i in ids:
+            self._features.move_to_end(i)
+            out[i] = self._features[i]
+        return out
+
     def _prefetch(self, ids: set[int]) -> None:
         missing = [i for i in ids if i not in self._features]
         blobs = self.searcher.store.local_features(missing) if missing else {}
         for i in missing:
             self._remember(self._features, i, self._decoded(i, blobs.get(i)))
-
-    def _feature(self, i: int) -> local.Features | None:
-        if i not in self._features:
-            self._prefetch({i})
-        self._features.move_to_end(i)
-        return self._features[i]
 
     @staticmethod
     def _decoded(i: int, blob: bytes | None) -> local.Features | None:
@@ -226,16 +236,19 @@ class _Checker:
 
     def _grey(self, i: int) -> np.ndarray | None:
         """The image small and grey, upright as its features; None if it cannot be read now."""
-        if i not in self._greys:
-            path = self.searcher.store.describe_ids([i]).get(i, (None,))[0]
-            grey = None
-            try:
-                grey = open_image(path, GREY_SIZE, gray=GREY_SIZE).gray if path else None
-            except DecodeError as exc:
-                log.warning("%s: %s; not compared", path, exc)
+        with self._lock:
+            if i in self._greys:
+                self._greys.move_to_end(i)
+                return self._greys[i]
+        path = self.searcher.store.describe_ids([i]).get(i, (None,))[0]
+        grey = None
+        try:
+            grey = open_image(path, GREY_SIZE, gray=GREY_SIZE).gray if path else None
+        except DecodeError as exc:
+            log.warning("%s: %s; not compared", path, exc)
+        with self._lock:
             self._remember(self._greys, i, grey)
-        self._greys.move_to_end(i)
-        return self._greys[i]
+        return grey
 
     @staticmethod
     def _remember(cache: OrderedDict, key: int, value) -> None:
