@@ -401,6 +401,8 @@ def _strongest(f: Features) -> Features:
 COPY_CELLS = 12
 # Standard deviation (grey levels) below which a cell is flat: it tells nothing.
 COPY_FLAT = 8.0
+# Pictures within this ratio of sizes are compared both ways.
+COPY_SAME_SIZE = 1.25
 # Blur (sigma, pixels of the small pictures) before comparing.
 COPY_BLUR = 0.8
 
@@ -416,12 +418,18 @@ class PixelMatch:
 def compare_pixels(ga: np.ndarray, fa: Features, gb: np.ndarray, fb: Features,
                    affine: np.ndarray) -> PixelMatch:
     """Map grey picture ``ga`` onto ``gb`` by ``affine`` (a Correspondence's, in working
-    pixels; the pictures at any size, upright as their features), and ``gb`` onto ``ga``,
-    and compare them cell by cell: the better of the two ways (each picture's cells
-    are checked once it is the one mapped onto). Agreement is 0.0 when fewer than four
-    cells tell."""
+    pixels; the pictures at any size, upright as their features), or ``gb`` onto ``ga``,
+    and compare them cell by cell. The larger picture is shrunk onto the smaller (enlarged,
+    the smaller is too blurred to agree); at about the same size both ways must agree,
+    each one checking the cells of the picture mapped onto. Agreement is 0.0 when fewer
+    than four cells tell."""
     m = _rescale(gb.shape, fb) @ np.vstack([affine, [0, 0, 1]]) @ np.linalg.inv(_rescale(ga.shape, fa))
-    return max(_mapped_onto(ga, gb, m), _mapped_onto(gb, ga, np.linalg.inv(m)), key=lambda p: p.agreement)
+    scale = np.sqrt(abs(np.linalg.det(m[:2, :2])))
+    shrink_a = _mapped_onto(ga, gb, m) if scale <= COPY_SAME_SIZE else None
+    shrink_b = _mapped_onto(gb, ga, np.linalg.inv(m)) if scale >= 1 / COPY_SAME_SIZE else None
+    if shrink_a is None or shrink_b is None:
+        return shrink_a or shrink_b
+    return min(shrink_a, shrink_b, key=lambda p: p.agreement)
 
 
 def _mapped_onto(ga: np.ndarray, gb: np.ndarray, m: np.ndarray) -> PixelMatch:
@@ -431,7 +439,8 @@ def _mapped_onto(ga: np.ndarray, gb: np.ndarray, m: np.ndarray) -> PixelMatch:
     # Blurred: what survives recompression and a fraction of a pixel off; a picture that
     # shrinks, more, as it holds detail the smaller one never had.
     a = cv2.GaussianBlur(ga.astype(np.float32), (0, 0), COPY_BLUR / min(scale, 1.0))
-    warped = cv2.warpAffine(a, m[:2], (wb, hb), flags=cv2.INTER_LINEAR)
+    # Edges replicated, not black: a dark seam would read as structure in a flat cell.
+    warped = cv2.warpAffine(a, m[:2], (wb, hb), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     inside = cv2.warpAffine(np.ones(ga.shape, np.uint8), m[:2], (wb, hb), flags=cv2.INTER_NEAREST)
     b = cv2.GaussianBlur(gb.astype(np.float32), (0, 0), COPY_BLUR)
     covered = float(inside.sum())

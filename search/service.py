@@ -168,6 +168,7 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                   description="Which indexed images look like this one? Errors are "
                               '{"error": "<one line>"}.')
     app.state.searcher, app.state.thumbnails = searcher, ThumbnailCache(thumbnail_cache)
+    app.state.duplicates = DuplicatesCache(searcher)
     app.state.limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
                         "decode_timeout": decode_timeout}
     _add_error_handlers(app)
@@ -420,6 +421,32 @@ def _add_image_routes(app: FastAPI) -> None:
 # --- collection --------------------------------------------------------------------------
 
 
+class DuplicatesCache:
+    """The last duplicate groups found, per options, while the database is unchanged: a scan
+    takes seconds to minutes, and a page asks again on every visit. One scan at a time."""
+
+    def __init__(self, searcher: Searcher):
+        self.searcher = searcher
+        self._lock = threading.Lock()
+        self._answers: dict[tuple, dict] = {}
+
+    def get(self, threshold: float | None, under: list[str], exact_only: bool) -> dict:
+        from . import duplicates
+
+        key = (self.searcher.store.generation(), threshold, tuple(sorted(under)), exact_only)
+        with self._lock:
+            if key not in self._answers:
+                found = duplicates.find(self.searcher, threshold=threshold, under=under or None,
+                                        exact_only=exact_only)
+                groups = [g.to_dict() for g in found]
+                for group in groups:
+                    for member in group["members"]:
+                        member["thumbnail"] = f"/api/images/{member['id']}/thumbnail"
+                self._answers = {k: v for k, v in self._answers.items() if k[0] == key[0]}
+                self._answers[key] = {"groups": groups}
+            return self._answers[key]
+
+
 def _add_collection_routes(app: FastAPI) -> None:
     searcher: Searcher = app.state.searcher
 
@@ -442,17 +469,10 @@ def _add_collection_routes(app: FastAPI) -> None:
                                                                  "(repeatable)")] = [],  # noqa: B006
                    exact_only: Annotated[bool, Query(description="only byte-identical files")] = False
                    ) -> dict:
-        from . import duplicates as dup
-
         try:
-            found = dup.find(searcher, threshold=threshold, under=under or None, exact_only=exact_only)
+            return app.state.duplicates.get(threshold, under, exact_only)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        groups = [g.to_dict() for g in found]
-        for group in groups:
-            for member in group["members"]:
-                member["thumbnail"] = f"/api/images/{member['id']}/thumbnail"
-        return {"groups": groups}
 
 
 # --- the page and its description ---------------------------------------------------------
