@@ -432,6 +432,20 @@ def compare_pixels(ga: np.ndarray, fa: Features, gb: np.ndarray, fb: Features,
     return min(shrink_a, shrink_b, key=lambda p: p.agreement)
 
 
+def compare_frames(ga: np.ndarray, gb: np.ndarray) -> PixelMatch:
+    """``compare_pixels`` for two pictures whose frames are taken to be the same (a resized,
+    recompressed or recoloured copy): the one mapped onto the other whole. Used when no
+    keypoints say how they lie; pictures of other proportions (2 % apart) do not match."""
+    (ha, wa), (hb, wb) = ga.shape, gb.shape
+    if abs(np.log((wa / ha) / (wb / hb))) > 0.02:
+        return PixelMatch(0.0, 0.0)
+    sx, sy = wb / wa, hb / ha
+    m = np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
+    if sx > 1:  # shrink the larger onto the smaller
+        return _mapped_onto(gb, ga, np.linalg.inv(m))
+    return _mapped_onto(ga, gb, m)
+
+
 def _mapped_onto(ga: np.ndarray, gb: np.ndarray, m: np.ndarray) -> PixelMatch:
     cv2 = _cv2()
     hb, wb = gb.shape

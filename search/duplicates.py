@@ -47,8 +47,9 @@ NEIGHBOURS = 10
 # Similarity a candidate pair needs when local features confirm it: low, so that turned,
 # grey and cropped copies are examined; the local check keeps precision.
 DEFAULT_THRESHOLD = 0.3
-# Without local features the similarity is all there is: only near-identical pictures.
-GLOBAL_ONLY_THRESHOLD = 0.95
+# Without local features the pixels are compared frame to frame (resized, recompressed,
+# recoloured copies; not crops or turns), for pairs this similar (bench/DUPLICATES.md).
+GLOBAL_ONLY_THRESHOLD = 0.5
 # What a confirmed pair must show (indexer.local.Correspondence), measured in
 # bench/DUPLICATES.md on edited copies and on other shots of the same landmarks and covers.
 MIN_INLIERS = 10
@@ -197,9 +198,11 @@ class _Checker:
         return None if inliers is None else (sim, inliers)
 
     def _judge(self, a: int, b: int, feats: dict[int, local.Features | None]) -> int | None:
-        """Inliers of a confirmed pair (0 when confirmed by similarity alone); None if not."""
+        """Inliers of a confirmed pair (0 when confirmed by pixels alone); None if not."""
         if not self.verified:
-            return 0
+            ga, gb = self._grey(a), self._grey(b)
+            same = ga is not None and gb is not None and pixels_agree(local.compare_frames(ga, gb))
+            return 0 if same else None
         fa, fb = feats.get(a), feats.get(b)
         if fa is None or fb is None:
             return None

@@ -189,3 +189,15 @@ def test_members_joined_through_others_are_checked_against_the_keeper():
     edges = {(1, 2): (0.9, 20), (2, 3): (0.9, 20)}
     groups = duplicates._split({1, 2, 3}, edges, _records(3), _Pairs([*edges, (1, 3)]))
     assert [[m.id for m in g.members] for g in groups] == [[1, 2, 3]]
+
+
+def test_without_local_features_pixels_confirm_whole_frame_copies(library, tmp_path):
+    db = tmp_path / "global.db"
+    Indexer(db, workers=0, local_features="none").index([library["root"] / "a", library["root"] / "b"])
+    with Searcher(db) as s:
+        groups = s.duplicates()
+    assert len(groups) == 1, [g.to_dict() for g in groups]
+    members = {m.path for m in groups[0].members}
+    # Resized and recoloured copies keep the frame; a crop or a turn cannot be placed.
+    assert {library["original"], library["resized"], library["grey"]} <= members
+    assert library["turned"] not in members and library["cropped"] not in members
