@@ -74,6 +74,8 @@ EVENTS = {
     "replaced:faiss": "after the FAISS file is renamed into place, before its sidecar",
     "replace:meta": "before the .faiss.json sidecar is renamed into place",
     "replaced:meta": "after the .faiss.json sidecar is renamed into place",
+    "replace:html": "before a contact sheet (--html) is renamed into place",
+    "replaced:html": "after a contact sheet (--html) is renamed into place",
     "close": "before a SQLite connection closes (the last one checkpoints the WAL)",
 }
 
@@ -197,7 +199,8 @@ class _Faults:
         def replace(src, dst, *a, **k):
             name = os.fspath(dst)
             kind = ("faiss" if name.endswith(".faiss") else "meta" if name.endswith(".faiss.json")
-                    else "onnx" if name.endswith(".onnx") else "other")
+                    else "onnx" if name.endswith(".onnx") else "html" if name.endswith(".html")
+                    else "other")
             faults.event(f"replace:{kind}")
             real_replace(src, dst, *a, **k)
             faults.event(f"replaced:{kind}")
@@ -533,6 +536,7 @@ class Harness:
         self.images = images
         self.labelled: Path | None = None  # the labelled set of "tune" runs
         self.parquet: Path | None = None  # the file of "import" runs
+        self.sheet = self.work / "groups.html"  # the contact sheet of "duplicates" runs
         self._dbs = 0
         self.db = self.fresh_db()
         self._runs = 0
@@ -564,6 +568,9 @@ class Harness:
         if verb == "import":  # self.parquet: a file 'lookalike export' wrote
             return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "import",
                     str(self.parquet), "--db", str(self.db), *extra]
+        if verb == "duplicates":  # a contact sheet of the groups, to self.sheet
+            return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "duplicates",
+                    "--db", str(self.db), "--html", str(self.sheet), *extra]
         if verb == "repair":
             return [sys.executable, str(HERE), "child", json.dumps(spec), "--", "check",
                     "--db", str(self.db), "--repair", *extra]
@@ -575,8 +582,8 @@ class Harness:
     def run(self, spec: dict | None = None, kill_after: float | None = None,
             cache: str | None = None, timeout: float = 300, verb: str = "index",
             extra: list[str] = ()) -> Run:
-        """Run the child once (``verb`` "index", "repair": ``check --repair``, or "tune":
-        ``tune self.labelled``); ``kill_after``
+        """Run the child once (``verb`` "index", "repair": ``check --repair``, "tune":
+        ``tune self.labelled``, "import", or "duplicates": ``duplicates --html self.sheet``); ``kill_after``
         seconds after its 'main' event, SIGKILL it."""
         self._runs += 1
         trace = self.work / "traces" / f"run{self._runs}.txt"

@@ -325,3 +325,30 @@ def test_an_import_killed_at_each_commit_keeps_whole_batches_and_the_next_finish
         assert {r["path"]: r["embedding"] for r in rows.values()} == want, (event, n)
         result = CliRunner().invoke(main, ["check", "--db", str(h.db), "--sample", "0"])
         assert result.exit_code == 0, (event, n, result.output)
+
+
+def test_a_contact_sheet_killed_or_short_of_disk_is_the_old_one_or_the_new_one_whole(tmp_path):
+    """``duplicates --html`` writes only its sheet, atomically: killed before or after the
+    rename, the sheet is the previous one or the new one, whole; with the disk full it
+    fails in one line and leaves the previous one; the database is never touched."""
+    h = Harness(tmp_path, seed=SEED + 11, images=6)
+    assert h.baseline().survived
+    rows = h.read_db()[0]
+    first = h.run(verb="duplicates")
+    assert first.rc == 0 and first.events["replaced:html"] == 1, first.stderr
+    old = h.sheet.read_bytes()
+    assert old.rstrip().endswith(b"</html>")
+    before = h.run({"kill": {"at": "replace:html", "n": 1, "how": "now"}}, verb="duplicates")
+    assert before.killed and h.sheet.read_bytes() == old
+    after = h.run({"kill": {"at": "replaced:html", "n": 1, "how": "now"}}, verb="duplicates")
+    assert after.killed
+    new = h.sheet.read_bytes()
+    assert new.rstrip().endswith(b"</html>")
+    temps = set(h.sheet.parent.glob(".groups.html.*.tmp"))  # the killed runs' own
+    # From the last connection's close on (the sheet is written after the search is done).
+    full = h.run({"limit": {"kind": "fsize", "at": "close", "n": first.events["close"], "value": 1000}},
+                 verb="duplicates")
+    assert full.rc == 1 and h.sheet.read_bytes() == new, full.stderr
+    assert len(full.stderr.strip().splitlines()) == 1 and "groups.html" in full.stderr, full.stderr
+    assert set(h.sheet.parent.glob(".groups.html.*.tmp")) == temps  # the failed one removed its own
+    assert h.read_db()[0] == rows
