@@ -201,3 +201,18 @@ def test_without_local_features_pixels_confirm_whole_frame_copies(library, tmp_p
     # Resized and recoloured copies keep the frame; a crop or a turn cannot be placed.
     assert {library["original"], library["resized"], library["grey"]} <= members
     assert library["turned"] not in members and library["cropped"] not in members
+
+
+def test_query_writes_a_contact_sheet_beside_its_table(library, tmp_path):
+    sheet = tmp_path / "out" / "sheet.html"
+    result = CliRunner().invoke(main, ["query", library["resized"], "--db", str(library["db"]), "-k", "3",
+                                       "--html", str(sheet)])
+    assert result.exit_code == 1 and "out/sheet.html" in result.output  # its folder does not exist
+    sheet.parent.mkdir()
+    result = CliRunner().invoke(main, ["query", library["resized"], "--db", str(library["db"]), "-k", "3",
+                                       "--html", str(sheet)])
+    assert result.exit_code == 0, result.output
+    assert "original.jpg" in result.stdout
+    html = sheet.read_text()
+    assert html.count("data:image/jpeg;base64,") == 4  # the query and its three results
+    assert "original.jpg" in html
