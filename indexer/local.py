@@ -501,3 +501,29 @@ def _rescale(shape: tuple[int, ...], f: Features) -> np.ndarray:
     return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
 
 
+
+
+# -- visual words --------------------------------------------------------------
+# A picture turned, cropped or recoloured keeps most of its keypoints, whatever its
+# global descriptor says: counted by visual word, they find copies the global
+# descriptor puts far apart (search.duplicates).
+WORDS = 256
+
+
+def vocabulary(sample: np.ndarray, words: int = WORDS) -> np.ndarray:
+    """Visual words (at most ``words`` x DIMS, unit length): the k-means centres of a sample
+    of descriptors, the same for the same sample."""
+    cv2 = _cv2()
+    cv2.setRNGSeed(0)
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    _, _, centres = cv2.kmeans(sample, min(words, len(sample)), None,
+                               (cv2.TERM_CRITERIA_MAX_ITER, 10, 0), 1, cv2.KMEANS_PP_CENTERS)
+    return centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-6)
+
+
+def word_counts(f: Features, words: np.ndarray) -> np.ndarray:
+    """How many of ``f``'s keypoints have each word as their nearest (len(words) counts)."""
+    if not len(f):
+        return np.zeros(len(words), np.float32)
+    sims = _cv2().gemm(f.desc, words, 1.0, None, 0.0, flags=_cv2().GEMM_2_T)
+    return np.bincount(sims.argmax(axis=1), minlength=len(words)).astype(np.float32)

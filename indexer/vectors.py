@@ -474,6 +474,17 @@ def _others(found: np.ndarray, query_ids: np.ndarray, k: int = 10) -> np.ndarray
     return out
 
 
+def nearest_rows(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, row numbers): each row's ``k`` rows of ``x`` with the largest inner
+    product, itself among them, best first; an exact search of ``x`` against itself."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index.search(x, max(1, min(k, len(x))))
+
+
 def exact_neighbours(index: VectorIndex, q: np.ndarray, k: int) -> np.ndarray:
     """Ids of the exact k nearest stored descriptors of each query, by a streaming pass
     over the database (memory bounded by a chunk)."""

@@ -44,9 +44,16 @@ log = logging.getLogger(__name__)
 # Nearest images examined per image: a copy is among its original's first few even when
 # turned or recoloured (bench/DUPLICATES.md), and more would only feed the local check.
 NEIGHBOURS = 10
-# Similarity a candidate pair needs when local features confirm it: low, so that turned,
-# grey and cropped copies are examined; the local check keeps precision.
+# Similarity from which a global neighbour is examined, when local features confirm each
+# pair: low, so that grey and cropped copies are; the checks keep precision.
 DEFAULT_THRESHOLD = 0.3
+# Candidates found by keypoints too, whatever their similarity: each image's nearest by
+# visual words (indexer.local.word_counts), from this likeness up. A turned copy keeps its
+# keypoints, not its global descriptor.
+WORD_NEIGHBOURS = 5
+MIN_WORD_SIMILARITY = 0.5
+# Images whose descriptors the visual words are learned from.
+VOCABULARY_IMAGES = 400
 # Without local features the pixels are compared frame to frame (resized, recompressed,
 # recoloured copies; not crops or turns), for pairs this similar (bench/DUPLICATES.md).
 GLOBAL_ONLY_THRESHOLD = 0.5
@@ -130,7 +137,10 @@ def find(searcher: "Searcher", *, threshold: float | None = None, under: "Folder
         if allowed is not None:  # the filter may name failed files, which have no vector
             ids = np.intersect1d(ids, allowed)
         twin = {i: min(g) for g in same for i in g}
-        pairs = _candidates(index, np.sort(ids), allowed, threshold, twin, progress)
+        ids = np.sort(ids)
+        pairs = _candidates(index, ids, allowed, threshold, twin, progress)
+        if verified:
+            pairs.update(_word_candidates(searcher, ids, twin, set(pairs), progress))
         edges.update(checker.confirm_all(pairs, progress))
     records = store.records({i for pair in edges for i in pair})
     groups = [g for c in _components(edges) for g in _split(c, edges, records, checker)]
@@ -154,6 +164,63 @@ def _candidates(index, ids: np.ndarray, allowed: np.ndarray | None, threshold: f
                     out[key] = float(s)
         if progress:
             progress("neighbours", min(len(ids), (done + 1) * BATCH), len(ids))
+    return out
+
+
+def _word_candidates(searcher: "Searcher", ids: np.ndarray, twin: dict[int, int], known: set,
+                     progress: Progress | None) -> dict[tuple[int, int], float]:
+    """Pairs (a < b) that the global neighbours missed, of images each other's nearest by
+    their keypoints' visual words (a turned or recoloured copy), with their cosine."""
+    from indexer.vectors import nearest_rows
+
+    if len(ids) < 2:
+        return {}
+    bags = _bags(searcher.store, ids, progress)
+    sims, rows = nearest_rows(bags, WORD_NEIGHBOURS + 1)
+    found = set()
+    for r, (srow, nrow) in enumerate(zip(sims, rows)):
+        a = twin.get(int(ids[r]), int(ids[r]))
+        for s, j in zip(srow, nrow):
+            b = twin.get(int(ids[j]), int(ids[j])) if j >= 0 else a
+            if s >= MIN_WORD_SIMILARITY and a != b and (min(a, b), max(a, b)) not in known:
+                found.add((min(a, b), max(a, b)))
+    return _similarities(searcher.index, found)
+
+
+def _bags(store, ids: np.ndarray, progress: Progress | None) -> np.ndarray:
+    """Each image's keypoints counted by visual word (learned from a sample of the
+    collection), weighted as tf-idf with square roots, unit length: len(ids) x words."""
+    rng = np.random.default_rng(0)
+    sample = rng.choice(ids, min(len(ids), VOCABULARY_IMAGES), replace=False)
+    feats = [f for f in map(_Checker._decoded, sample, map(store.local_features([*sample]).get, sample))
+             if f is not None and len(f)]
+    if not feats:
+        return np.zeros((len(ids), 1), np.float32)
+    words = local.vocabulary(np.concatenate([f.desc for f in feats]))
+    counts = np.zeros((len(ids), len(words)), np.float32)
+    for start in range(0, len(ids), PAIR_BATCH):
+        chunk = ids[start:start + PAIR_BATCH]
+        blobs = store.local_features(chunk)
+        for r, i in enumerate(chunk, start):
+            f = _Checker._decoded(int(i), blobs.get(int(i)))
+            if f is not None:
+                counts[r] = local.word_counts(f, words)
+        if progress:
+            progress("words", start + len(chunk), len(ids))
+    idf = np.log(len(ids) / np.maximum((counts > 0).sum(axis=0), 1)).astype(np.float32)
+    bags = np.sqrt(counts) * idf
+    return bags / np.maximum(np.linalg.norm(bags, axis=1, keepdims=True), 1e-9)
+
+
+def _similarities(index, pairs: set[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """The cosine of each pair's descriptors, read a batch at a time."""
+    pairs = sorted(pairs)
+    out = {}
+    for start in range(0, len(pairs), PAIR_BATCH):
+        chunk = pairs[start:start + PAIR_BATCH]
+        a = index.vectors([p[0] for p in chunk])
+        b = index.vectors([p[1] for p in chunk])
+        out.update(zip(chunk, map(float, np.einsum("ij,ij->i", a, b))))
     return out
 
 
@@ -192,7 +259,7 @@ class _Checker:
         """(similarity, inliers) of a pair that is not a candidate, if a duplicate."""
         va, vb = self.searcher.index.vectors([a, b])
         sim = float(va @ vb)
-        if sim < self.threshold:
+        if sim < self.threshold and not self.verified:
             return None
         inliers = self._judge(a, b, self._features_of({a, b}))
         return None if inliers is None else (sim, inliers)
