@@ -44,12 +44,12 @@ log = logging.getLogger(__name__)
 # Nearest images examined per image: a copy is among its original's first few even when
 # turned or recoloured (bench/DUPLICATES.md), and more would only feed the local check.
 NEIGHBOURS = 10
-# Similarity from which a global neighbour is examined, when local features confirm each
-# pair: low, so that grey and cropped copies are; the checks keep precision.
-DEFAULT_THRESHOLD = 0.3
-# Candidates found by keypoints too, whatever their similarity: each image's nearest by
-# visual words (indexer.local.word_counts), from this likeness up. A turned copy keeps its
-# keypoints, not its global descriptor.
+# Similarity a pair needs, when local features confirm each pair: none to speak of, since
+# the checks keep precision (bench/DUPLICATES.md), and a turned copy's can be as low as 0.1.
+DEFAULT_THRESHOLD = 0.0
+# Candidates found by keypoints too: each image's nearest by visual words
+# (indexer.local.word_counts), from this likeness up. A turned copy keeps its keypoints,
+# not its global descriptor.
 WORD_NEIGHBOURS = 5
 MIN_WORD_SIMILARITY = 0.5
 # Images whose descriptors the visual words are learned from.
@@ -140,7 +140,8 @@ def find(searcher: "Searcher", *, threshold: float | None = None, under: "Folder
         ids = np.sort(ids)
         pairs = _candidates(index, ids, allowed, threshold, twin, progress)
         if verified:
-            pairs.update(_word_candidates(searcher, ids, twin, set(pairs), progress))
+            found = _word_candidates(searcher, ids, twin, set(pairs), progress)
+            pairs.update((pair, sim) for pair, sim in found.items() if sim >= threshold)
         edges.update(checker.confirm_all(pairs, progress))
     records = store.records({i for pair in edges for i in pair})
     groups = [g for c in _components(edges) for g in _split(c, edges, records, checker)]
@@ -259,7 +260,7 @@ class _Checker:
         """(similarity, inliers) of a pair that is not a candidate, if a duplicate."""
         va, vb = self.searcher.index.vectors([a, b])
         sim = float(va @ vb)
-        if sim < self.threshold and not self.verified:
+        if sim < self.threshold:
             return None
         inliers = self._judge(a, b, self._features_of({a, b}))
         return None if inliers is None else (sim, inliers)
