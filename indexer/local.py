@@ -374,6 +374,7 @@ def correspond(a: Features, b: Features) -> Correspondence:
         return NO_CORRESPONDENCE
     cv2 = _cv2()
     src, dst = a.xy[pairs[:, 0]], b.xy[pairs[:, 1]]
+    cv2.setRNGSeed(0)  # this thread's RANSAC draws: the same answer in any thread, any run
     m, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=COPY_REPROJECTION_PX,
                                    maxIters=COPY_RANSAC_ITERATIONS, confidence=0.999, refineIters=10)
     if m is None or mask is None or np.linalg.det(m[:, :2]) <= 0:
