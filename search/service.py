@@ -550,9 +550,22 @@ def run(db: str | os.PathLike | None = None, *, host: str = DEFAULT_HOST, port: 
     # Pillow warns of images over 89 MP before our own, lower, limit refuses them: the
     # refusal is the client's answer, the warning only noise in the server's log.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    _check_address(host, port)  # before the model loads: a taken port fails at once, in one line
     with Searcher(db, device=device, weights=weights) as searcher:
         searcher.encoder  # load the model now, not on the first request  # noqa: B018
         app = create_app(searcher, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
                          threads=threads)
         uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False,
                     limit_concurrency=DEFAULT_CONNECTIONS)
+
+
+def _check_address(host: str, port: int) -> None:
+    """OSError, with the address in its message, if ``host:port`` cannot be listened on."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from None
