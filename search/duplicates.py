@@ -72,7 +72,7 @@ MIN_AGREEMENT = 0.7
 GREY_SIZE = 256
 # Images whose local features and small grey pictures are kept while pairs are checked
 # (some 70 KB and 20 KB each), and candidate pairs read at a time.
-CACHE = 4096
+CACHE = 4096  # at least twice PAIR_BATCH: a batch of pairs must fit
 PAIR_BATCH = 1000
 BATCH = 2048
 
@@ -284,12 +284,13 @@ class _Checker:
 
     def _features_of(self, ids: set[int]) -> dict[int, local.Features | None]:
         """The local features of ``ids``, from the cache or read in one go."""
-        self._prefetch(ids)
-        out = {}
+        # Cached ones first marked recent: reading the others evicts the oldest entries,
+        # which must not be this batch's own.
         for i in ids:
-            self._features.move_to_end(i)
-            out[i] = self._features[i]
-        return out
+            if i in self._features:
+                self._features.move_to_end(i)
+        self._prefetch(ids)
+        return {i: self._features[i] for i in ids}
 
     def _prefetch(self, ids: set[int]) -> None:
         missing = [i for i in ids if i not in self._features]

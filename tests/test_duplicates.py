@@ -216,3 +216,12 @@ def test_query_writes_a_contact_sheet_beside_its_table(library, tmp_path):
     html = sheet.read_text()
     assert html.count("data:image/jpeg;base64,") == 4  # the query and its three results
     assert "original.jpg" in html
+
+
+def test_the_same_groups_with_caches_smaller_than_the_collection(library, monkeypatch):
+    with Searcher(library["db"]) as s:
+        expected = [g.to_dict() for g in s.duplicates()]
+    monkeypatch.setattr(duplicates, "PAIR_BATCH", 2)
+    monkeypatch.setattr(duplicates, "CACHE", 4)  # features and pictures evicted and read again
+    with Searcher(library["db"]) as s:
+        assert [g.to_dict() for g in s.duplicates()] == expected
