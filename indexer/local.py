@@ -377,19 +377,30 @@ def correspond(a: Features, b: Features) -> Correspondence:
     cv2.setRNGSeed(0)  # this thread's RANSAC draws: the same answer in any thread, any run
     m, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=COPY_REPROJECTION_PX,
                                    maxIters=COPY_RANSAC_ITERATIONS, confidence=0.999, refineIters=10)
-    if m is None or mask is None or np.linalg.det(m[:, :2]) <= 0:
+    # Small matrices by hand, not numpy.linalg: every BLAS call wakes OpenBLAS's threads,
+    # which then spin on the core the other pair checks need.
+    if m is None or mask is None:
+        return NO_CORRESPONDENCE
+    (p, q, tx), (r, t, ty) = m
+    if p * t - q * r <= 0:
         return NO_CORRESPONDENCE
     keep = mask.ravel().astype(bool)
-    residual = np.linalg.norm(src[keep] @ m[:, :2].T + m[:, 2] - dst[keep], axis=1)
-    sv = np.linalg.svd(m[:, :2], compute_uv=False)
+    sx, sy = src[keep, 0], src[keep, 1]
+    residual = np.hypot(p * sx + q * sy + tx - dst[keep, 0], r * sx + t * sy + ty - dst[keep, 1])
     inliers = int(keep.sum())
     # Found keypoints lie SIFT_OFFSET px right of and below the true spot in every picture:
     # an offset that cancels between two upright copies, but doubles under a turn.
-    m = m.copy()
-    m[:, 2] += (m[:, :2] - np.eye(2)) @ np.full(2, SIFT_OFFSET)
+    m = np.array([[p, q, tx + SIFT_OFFSET * (p + q - 1)], [r, t, ty + SIFT_OFFSET * (r + t - 1)]])
     return Correspondence(inliers, inliers / min(len(a), len(b)),
                           float((residual <= COPY_TIGHT_PX).mean()) if inliers else 0.0,
-                          float(sv[0] / max(sv[1], 1e-9)), m)
+                          _squash(p, q, r, t), m)
+
+
+def _squash(p: float, q: float, r: float, t: float) -> float:
+    """The ratio of the singular values of [[p, q], [r, t]] (1.0: no squashing)."""
+    frob, det = p * p + q * q + r * r + t * t, abs(p * t - q * r)
+    root = np.sqrt(max(frob * frob - 4 * det * det, 0.0))
+    return float(np.sqrt((frob + root) / max(frob - root, 1e-18)))
 
 
 def _strongest(f: Features) -> Features:
@@ -424,10 +435,10 @@ def compare_pixels(ga: np.ndarray, fa: Features, gb: np.ndarray, fb: Features,
     the smaller is too blurred to agree); at about the same size both ways must agree,
     each one checking the cells of the picture mapped onto. Agreement is 0.0 when fewer
     than four cells tell."""
-    m = _rescale(gb.shape, fb) @ np.vstack([affine, [0, 0, 1]]) @ np.linalg.inv(_rescale(ga.shape, fa))
-    scale = np.sqrt(abs(np.linalg.det(m[:2, :2])))
+    m = _then(_then(_unscale(ga.shape, fa), np.vstack([affine, [0, 0, 1]])), _rescale(gb.shape, fb))
+    scale = np.sqrt(abs(_det(m)))
     shrink_a = _mapped_onto(ga, gb, m) if scale <= COPY_SAME_SIZE else None
-    shrink_b = _mapped_onto(gb, ga, np.linalg.inv(m)) if scale >= 1 / COPY_SAME_SIZE else None
+    shrink_b = _mapped_onto(gb, ga, _inverse(m)) if scale >= 1 / COPY_SAME_SIZE else None
     if shrink_a is None or shrink_b is None:
         return shrink_a or shrink_b
     return min(shrink_a, shrink_b, key=lambda p: p.agreement)
@@ -443,14 +454,14 @@ def compare_frames(ga: np.ndarray, gb: np.ndarray) -> PixelMatch:
     sx, sy = wb / wa, hb / ha
     m = np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
     if sx > 1:  # shrink the larger onto the smaller
-        return _mapped_onto(gb, ga, np.linalg.inv(m))
+        return _mapped_onto(gb, ga, _inverse(m))
     return _mapped_onto(ga, gb, m)
 
 
 def _mapped_onto(ga: np.ndarray, gb: np.ndarray, m: np.ndarray) -> PixelMatch:
     cv2 = _cv2()
     hb, wb = gb.shape
-    scale = np.sqrt(abs(np.linalg.det(m[:2, :2])))
+    scale = np.sqrt(abs(_det(m)))
     # Blurred: what survives recompression and a fraction of a pixel off; a picture that
     # shrinks, more, as it holds detail the smaller one never had.
     a = cv2.GaussianBlur(ga.astype(np.float32), (0, 0), COPY_BLUR / min(scale, 1.0))
@@ -500,6 +511,25 @@ def _rescale(shape: tuple[int, ...], f: Features) -> np.ndarray:
     map to pixel centres (a half-pixel error turns into a whole one under a 180-degree turn)."""
     sx, sy = shape[1] / f.width, shape[0] / f.height
     return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
+
+
+def _unscale(shape: tuple[int, ...], f: Features) -> np.ndarray:
+    """The inverse of ``_rescale``."""
+    return _inverse(_rescale(shape, f))
+
+
+# 3 x 3 affine maps (last row 0, 0, 1) by hand: see correspond on BLAS.
+def _then(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The map that applies ``first``, then ``second``."""
+    return np.einsum("ij,jk->ik", second, first)
+
+
+def _det(m: np.ndarray) -> float:
+    return float(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0])
+
+
+def _inverse(m: np.ndarray) -> np.ndarray:
+    return np.vstack([_cv2().invertAffineTransform(np.ascontiguousarray(m[:2])), [0, 0, 1]])
 
 
 

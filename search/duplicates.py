@@ -41,16 +41,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Nearest images examined per image: a copy is among its original's first few even when
-# turned or recoloured (bench/DUPLICATES.md), and more would only feed the local check.
-NEIGHBOURS = 10
+# Nearest images examined per image: a grey, cropped or resized copy is among its
+# original's first few (turned ones come from the visual words); more cost time, and on
+# the sets measured found nothing more but 10 % thumbnails (bench/DUPLICATES.md).
+NEIGHBOURS = 5
 # Similarity a pair needs, when local features confirm each pair: none to speak of, since
 # the checks keep precision (bench/DUPLICATES.md), and a turned copy's can be as low as 0.1.
 DEFAULT_THRESHOLD = 0.0
 # Candidates found by keypoints too: each image's nearest by visual words
 # (indexer.local.word_counts), from this likeness up. A turned copy keeps its keypoints,
 # not its global descriptor.
-WORD_NEIGHBOURS = 5
+WORD_NEIGHBOURS = 3
 MIN_WORD_SIMILARITY = 0.5
 # Images whose descriptors the visual words are learned from.
 VOCABULARY_IMAGES = 400
@@ -233,6 +234,7 @@ class _Checker:
         self.searcher, self.verified, self.threshold = searcher, verified, threshold
         self._features: OrderedDict[int, local.Features | None] = OrderedDict()
         self._greys: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._paths: dict[int, str] = {}
         self._lock = threading.Lock()  # for the greys, read by the pool's threads
 
     def confirm_all(self, pairs: dict[tuple[int, int], float],
@@ -247,7 +249,9 @@ class _Checker:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for start in range(0, len(todo), PAIR_BATCH):
                 batch = todo[start:start + PAIR_BATCH]
-                feats = self._features_of({i for pair, _ in batch for i in pair})
+                ids = {i for pair, _ in batch for i in pair}
+                feats = self._features_of(ids)
+                self._paths_of(ids)
                 verdicts = pool.map(lambda item: self._judge(*item[0], feats), batch, chunksize=32)
                 for (pair, sim), inliers in zip(batch, verdicts):
                     if inliers is not None:
@@ -282,6 +286,13 @@ class _Checker:
             return None
         return c.inliers if pixels_agree(local.compare_pixels(ga, fa, gb, fb, c.affine)) else None
 
+    def _paths_of(self, ids) -> None:
+        """Read the paths of ``ids`` not known yet in one query (for the pixel checks)."""
+        missing = [i for i in ids if i not in self._paths]
+        if len(self._paths) + len(missing) > 4 * CACHE:
+            self._paths.clear()
+        self._paths.update((i, row[0]) for i, row in self.searcher.store.describe_ids(missing).items())
+
     def _features_of(self, ids: set[int]) -> dict[int, local.Features | None]:
         """The local features of ``ids``, from the cache or read in one go."""
         # Cached ones first marked recent: reading the others evicts the oldest entries,
@@ -312,7 +323,9 @@ class _Checker:
             if i in self._greys:
                 self._greys.move_to_end(i)
                 return self._greys[i]
-        path = self.searcher.store.describe_ids([i]).get(i, (None,))[0]
+        path = self._paths.get(i)
+        if path is None:
+            path = self.searcher.store.describe_ids([i]).get(i, (None,))[0]
         grey = None
         try:
             grey = open_image(path, GREY_SIZE, gray=GREY_SIZE).gray if path else None
