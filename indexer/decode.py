@@ -1,6 +1,7 @@
 """Open an image file as an RGB picture of the size the model needs."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -16,6 +17,7 @@ import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -220,7 +222,7 @@ def open_image(source: str | os.PathLike | Image.Image, longest: int,
 
 def _open(source, longest: int, max_pixels: int, box=None, gray: int | None = None) -> Decoded:
     """open_image without the time limit: every failure becomes a DecodeError."""
-    try:
+    with _failures(source):
         with warnings.catch_warnings(record=True) as caught:
             # Recorded, not shown: a worker must not print (or, under -W error, raise)
             # Pillow's warnings about odd files; our own guard replaces the bomb warning.
@@ -239,6 +241,14 @@ def _open(source, longest: int, max_pixels: int, box=None, gray: int | None = No
                     if not issubclass(w.category, Image.DecompressionBombWarning):
                         log.debug("%s: %s: %s", source if not isinstance(source, Image.Image)
                                   else "image", w.category.__name__, w.message)
+
+
+@contextlib.contextmanager
+def _failures(source) -> Iterator[None]:
+    """Every failure of reading ``source`` inside as a DecodeError with its reason in words
+    (errors of the process, not of the file, pass through)."""
+    try:
+        yield
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -457,19 +467,9 @@ def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if not data:
         raise DecodeError("empty file")
     fp = _DeadlineFile(data)
-    try:
+    with _failures("upload"):
         im = Image.open(fp)
         _check_size(im.width, im.height, max_pixels)
-    except DecodeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"decompression bomb: {_one_line(str(exc))}") from None
-    except UnidentifiedImageError:
-        raise DecodeError("not an image Pillow can read") from None
-    except Exception as exc:  # noqa: BLE001 - a bad header in any plugin: the upload's failure
-        if isinstance(exc, OSError) and exc.errno in PROCESS_ERRNOS:
-            raise
-        raise DecodeError(f"damaged: {_reason(exc)}") from None
     if timeout:
         fp.timeout, fp.deadline = timeout, time.monotonic() + timeout
     return im
