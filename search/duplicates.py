@@ -21,7 +21,6 @@ first indexed. Nothing here deletes or moves a file.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import threading
@@ -156,13 +155,9 @@ def _candidates(index, ids: np.ndarray, allowed: np.ndarray | None, threshold: f
     out: dict[tuple[int, int], float] = {}
     for done, (chunk, sims, nbrs) in enumerate(index.neighbours(ids, NEIGHBOURS, allowed, BATCH)):
         for i, srow, nrow in zip(chunk, sims, nbrs):
-            a = twin.get(int(i), int(i))
             for s, j in zip(srow, nrow):
-                b = twin.get(int(j), int(j))
-                if j < 0 or s < threshold or a == b:
-                    continue
-                key = (a, b) if a < b else (b, a)
-                if out.get(key, -2.0) < s:
+                key = _pair(twin, i, j)
+                if key is not None and s >= threshold and out.get(key, -2.0) < s:
                     out[key] = float(s)
         if progress:
             progress("neighbours", min(len(ids), (done + 1) * BATCH), len(ids))
@@ -181,12 +176,20 @@ def _word_candidates(searcher: "Searcher", ids: np.ndarray, twin: dict[int, int]
     sims, rows = nearest_rows(bags, WORD_NEIGHBOURS + 1)
     found = set()
     for r, (srow, nrow) in enumerate(zip(sims, rows)):
-        a = twin.get(int(ids[r]), int(ids[r]))
         for s, j in zip(srow, nrow):
-            b = twin.get(int(ids[j]), int(ids[j])) if j >= 0 else a
-            if s >= MIN_WORD_SIMILARITY and a != b and (min(a, b), max(a, b)) not in known:
-                found.add((min(a, b), max(a, b)))
+            key = _pair(twin, ids[r], ids[j] if j >= 0 else -1)
+            if key is not None and s >= MIN_WORD_SIMILARITY and key not in known:
+                found.add(key)
     return _similarities(searcher.index, found)
+
+
+def _pair(twin: dict[int, int], i, j) -> tuple[int, int] | None:
+    """Images ``i`` and ``j`` as a candidate pair (a < b), each file with the same bytes as
+    another standing for it; None for no neighbour (-1) or the image with itself."""
+    a, b = twin.get(int(i), int(i)), twin.get(int(j), int(j))
+    if j < 0 or a == b:
+        return None
+    return (a, b) if a < b else (b, a)
 
 
 def _bags(store, ids: np.ndarray, progress: Progress | None) -> np.ndarray:
@@ -194,19 +197,17 @@ def _bags(store, ids: np.ndarray, progress: Progress | None) -> np.ndarray:
     collection), weighted as tf-idf with square roots, unit length: len(ids) x words."""
     rng = np.random.default_rng(0)
     sample = rng.choice(ids, min(len(ids), VOCABULARY_IMAGES), replace=False)
-    feats = [f for f in map(_Checker._decoded, sample, map(store.local_features([*sample]).get, sample))
-             if f is not None and len(f)]
+    feats = [f for f in _read_features(store, sample).values() if f is not None and len(f)]
     if not feats:
         return np.zeros((len(ids), 1), np.float32)
     words = local.vocabulary(np.concatenate([f.desc for f in feats]))
     counts = np.zeros((len(ids), len(words)), np.float32)
     for start in range(0, len(ids), PAIR_BATCH):
         chunk = ids[start:start + PAIR_BATCH]
-        blobs = store.local_features(chunk)
+        read = _read_features(store, chunk)
         for r, i in enumerate(chunk, start):
-            f = _Checker._decoded(int(i), blobs.get(int(i)))
-            if f is not None:
-                counts[r] = local.word_counts(f, words)
+            if read[int(i)] is not None:
+                counts[r] = local.word_counts(read[int(i)], words)
         if progress:
             progress("words", start + len(chunk), len(ids))
     idf = np.log(len(ids) / np.maximum((counts > 0).sum(axis=0), 1)).astype(np.float32)
@@ -223,6 +224,21 @@ def _similarities(index, pairs: set[tuple[int, int]]) -> dict[tuple[int, int], f
         a = index.vectors([p[0] for p in chunk])
         b = index.vectors([p[1] for p in chunk])
         out.update(zip(chunk, map(float, np.einsum("ij,ij->i", a, b))))
+    return out
+
+
+def _read_features(store, ids) -> dict[int, local.Features | None]:
+    """The local features of ``ids`` read in one go, by id; None for an image without any
+    or with damaged ones (warned: ``check --repair`` mends them)."""
+    ids = [int(i) for i in ids]
+    blobs = store.local_features(ids) if ids else {}
+    out = {}
+    for i in ids:
+        try:
+            out[i] = local.decode(blobs[i]) if i in blobs else None
+        except local.FeaturesError as exc:
+            log.warning("image id %d: %s ('lookalike check --repair' mends it)", i, exc)
+            out[i] = None
     return out
 
 
@@ -262,8 +278,7 @@ class _Checker:
 
     def check(self, a: int, b: int) -> tuple[float, int] | None:
         """(similarity, inliers) of a pair that is not a candidate, if a duplicate."""
-        va, vb = self.searcher.index.vectors([a, b])
-        sim = float(va @ vb)
+        sim = _similarities(self.searcher.index, {(a, b)})[(a, b)]
         if sim < self.threshold:
             return None
         inliers = self._judge(a, b, self._features_of({a, b}))
@@ -304,18 +319,9 @@ class _Checker:
         return {i: self._features[i] for i in ids}
 
     def _prefetch(self, ids: set[int]) -> None:
-        missing = [i for i in ids if i not in self._features]
-        blobs = self.searcher.store.local_features(missing) if missing else {}
-        for i in missing:
-            self._remember(self._features, i, self._decoded(i, blobs.get(i)))
-
-    @staticmethod
-    def _decoded(i: int, blob: bytes | None) -> local.Features | None:
-        try:
-            return local.decode(blob) if blob is not None else None
-        except local.FeaturesError as exc:
-            log.warning("image id %d: %s ('lookalike check --repair' mends it)", i, exc)
-            return None
+        read = _read_features(self.searcher.store, [i for i in ids if i not in self._features])
+        for i, f in read.items():
+            self._remember(self._features, i, f)
 
     def _grey(self, i: int) -> np.ndarray | None:
         """The image small and grey, upright as its features; None if it cannot be read now."""
@@ -409,7 +415,6 @@ def _group(members: list[tuple[int, float, int]], records: dict[int, "ImageRecor
     out = []
     for i, sim, inliers in members:
         r = records[i]
-        mtime = dt.datetime.fromtimestamp(r.mtime_ns / 1e9, dt.timezone.utc).isoformat(timespec="seconds")
-        out.append(Member(i, r.path, sim, inliers, r.width, r.height, r.size, mtime, r.sha256))
+        out.append(Member(i, r.path, sim, inliers, r.width, r.height, r.size, r.modified, r.sha256))
     exact = len({m.sha256 for m in out}) == 1 and out[0].sha256 is not None
     return Group("exact" if exact else "near", tuple(out))
