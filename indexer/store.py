@@ -67,6 +67,11 @@ class ImageRecord:
     sha256: str | None
     indexed_at: dt.datetime
 
+    @property
+    def modified(self) -> str:
+        """The file's modification time, ISO 8601 in UTC, to the second."""
+        return dt.datetime.fromtimestamp(self.mtime_ns / 1e9, dt.timezone.utc).isoformat(timespec="seconds")
+
 
 class StoreError(Exception):
     """The database cannot be used; str() says why."""
@@ -415,16 +420,8 @@ class Store:
             return int(s.execute(q).scalar_one())
 
     def describe_ids(self, ids) -> dict[int, tuple[str, int, int]]:
-        """(path, width, height) by id, in chunks that stay under SQLite's variable limit."""
-        ids = sorted({int(i) for i in ids})
-        out: dict[int, tuple[str, int, int]] = {}
-        with self.session() as s:
-            for start in range(0, len(ids), 900):
-                chunk = ids[start:start + 900]
-                for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height)
-                                   .where(ImageRow.id.in_(chunk), ImageRow.status == OK)):
-                    out[r.id] = (r.path, r.width or 0, r.height or 0)
-        return out
+        """(path, width, height) by id, of the indexed images among ``ids``."""
+        return {i: (r.path, r.width, r.height) for i, r in self.records(ids).items()}
 
     def records(self, ids) -> dict[int, "ImageRecord"]:
         """The metadata (no descriptor) of the indexed images among ``ids``, by id."""

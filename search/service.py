@@ -230,8 +230,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --- search ------------------------------------------------------------------------------
 
 
+def _thumbnail_url(image_id: int) -> str:
+    return f"/api/images/{image_id}/thumbnail"
+
+
 def _result(match) -> dict:
-    return {**match.to_dict(), "thumbnail": f"/api/images/{match.id}/thumbnail"}
+    return {**match.to_dict(), "thumbnail": _thumbnail_url(match.id)}
 
 
 def _search(searcher: Searcher, query, options: SearchOptions, what: str, exclude=()) -> list[dict]:
@@ -365,12 +369,6 @@ def _existing_file(record) -> str:
     return record.path
 
 
-def _iso(ns: int | None) -> str | None:
-    if ns is None:
-        return None
-    return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _add_image_routes(app: FastAPI) -> None:
     searcher: Searcher = app.state.searcher
     cache: ThumbnailCache = app.state.thumbnails
@@ -381,9 +379,9 @@ def _add_image_routes(app: FastAPI) -> None:
         r = _record(searcher, image_id)
         indexed = r.indexed_at.replace(tzinfo=r.indexed_at.tzinfo or dt.timezone.utc) if r.indexed_at else None
         return {"id": r.id, "path": r.path, "width": r.width, "height": r.height, "bytes": r.size,
-                "mtime": _iso(r.mtime_ns), "sha256": r.sha256,
+                "mtime": r.modified, "sha256": r.sha256,
                 "indexed_at": indexed.isoformat(timespec="seconds") if indexed else None,
-                "thumbnail": f"/api/images/{r.id}/thumbnail", "file": f"/api/images/{r.id}/file"}
+                "thumbnail": _thumbnail_url(r.id), "file": f"/api/images/{r.id}/file"}
 
     @app.get("/api/images/{image_id:int}/thumbnail", summary="A JPEG thumbnail, upright",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **_errors(404, 422)})
@@ -441,7 +439,7 @@ class DuplicatesCache:
                 groups = [g.to_dict() for g in found]
                 for group in groups:
                     for member in group["members"]:
-                        member["thumbnail"] = f"/api/images/{member['id']}/thumbnail"
+                        member["thumbnail"] = _thumbnail_url(member["id"])
                 self._answers = {k: v for k, v in self._answers.items() if k[0] == key[0]}
                 self._answers[key] = {"groups": groups}
             return self._answers[key]
