@@ -583,13 +583,13 @@ def _print_groups(groups, as_json: bool, as_csv: bool) -> None:
             click.echo(f"  {mark:>6}  {m.width}x{m.height}  {m.bytes:>10,}  {display_path(m.path)}")
 
 
-
-
 @main.command()
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0: every interface; mind who can reach it).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+# No default here: the service module's own (loopback, 8000) apply, read when serve runs;
+# importing it to show them would cost every command half a second of FastAPI.
+@click.option("--host", help="Address to listen on (0.0.0.0: every interface; mind who can reach it) "
+                             "[default: 127.0.0.1, loopback only].")
+@click.option("--port", type=click.IntRange(0, 65535), help="[default: 8000]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
 def serve(db, host, port, device, weights) -> None:
@@ -597,7 +597,8 @@ def serve(db, host, port, device, weights) -> None:
     from search import service
 
     try:
-        service.run(db, host=host, port=port, device=device, weights=weights)
+        given = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        service.run(db, device=device, weights=weights, **given)
     except _user_errors() as exc:
         raise _fail(exc) from None
 

@@ -377,10 +377,10 @@ def correspond(a: Features, b: Features) -> Correspondence:
     cv2.setRNGSeed(0)  # this thread's RANSAC draws: the same answer in any thread, any run
     m, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=COPY_REPROJECTION_PX,
                                    maxIters=COPY_RANSAC_ITERATIONS, confidence=0.999, refineIters=10)
-    # Small matrices by hand, not numpy.linalg: every BLAS call wakes OpenBLAS's threads,
-    # which then spin on the core the other pair checks need.
     if m is None or mask is None:
         return NO_CORRESPONDENCE
+    # Small matrices by hand, not numpy.linalg: every BLAS call wakes OpenBLAS's threads,
+    # which then spin on the core the other pair checks need.
     (p, q, tx), (r, t, ty) = m
     if p * t - q * r <= 0:
         return NO_CORRESPONDENCE
@@ -452,7 +452,7 @@ def compare_frames(ga: np.ndarray, gb: np.ndarray) -> PixelMatch:
     if abs(np.log((wa / ha) / (wb / hb))) > 0.02:
         return PixelMatch(0.0, 0.0)
     sx, sy = wb / wa, hb / ha
-    m = np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
+    m = _scaling(sx, sy)
     if sx > 1:  # shrink the larger onto the smaller
         return _mapped_onto(gb, ga, _inverse(m))
     return _mapped_onto(ga, gb, m)
@@ -509,7 +509,11 @@ def _correlations(sx: np.ndarray, sy: np.ndarray, cov: np.ndarray) -> np.ndarray
 def _rescale(shape: tuple[int, ...], f: Features) -> np.ndarray:
     """From the working pixels of ``f`` to those of a picture of ``shape``: pixel centres
     map to pixel centres (a half-pixel error turns into a whole one under a 180-degree turn)."""
-    sx, sy = shape[1] / f.width, shape[0] / f.height
+    return _scaling(shape[1] / f.width, shape[0] / f.height)
+
+
+def _scaling(sx: float, sy: float) -> np.ndarray:
+    """Scaling by (sx, sy) that maps pixel centres to pixel centres."""
     return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
 
 
@@ -530,8 +534,6 @@ def _det(m: np.ndarray) -> float:
 
 def _inverse(m: np.ndarray) -> np.ndarray:
     return np.vstack([_cv2().invertAffineTransform(np.ascontiguousarray(m[:2])), [0, 0, 1]])
-
-
 
 
 # -- visual words --------------------------------------------------------------
