@@ -225,9 +225,12 @@ def query_options(f):
                    "or a FAISS factory key with IVF; kept for later runs [default: auto].")
 @click.option("--memory", callback=_size, metavar="SIZE",
               help="RAM the vector index may take, for auto (e.g. 2G); kept for later runs [default: 4G].")
+@click.option("--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Embed on a Ray cluster (pip install 'lookalike[ray]'): at ADDRESS, or alone "
+                   "$RAY_ADDRESS or a local one. The files must be readable by every worker.")
 def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
           local_features, keypoints, batch_size, workers, device, hidden, retry_failed,
-          index_choice, memory) -> None:
+          index_choice, memory, ray) -> None:
     """Index the images under ROOT... (again: only what changed)."""
     from indexer import Indexer
     from indexer.scan import display_path
@@ -238,7 +241,7 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, 
                           local_features=local_features, keypoints=keypoints,
                           device=device, batch_size=batch_size, workers=workers,
                           include_hidden=hidden, retry_failed=retry_failed,
-                          index=index_choice, memory=memory)
+                          index=index_choice, memory=memory, ray=ray)
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -318,7 +321,7 @@ def query(images, k, db, as_json, device, weights, qe, dba, rotations, flip, ver
     try:
         with Searcher(db, device=device, weights=weights, dba=dba) as searcher:
             if not len(searcher):
-                click.echo(f"lookalike: {searcher.store.path} holds no indexed image yet", err=True)
+                click.echo(f"lookalike: {searcher.store.name} holds no indexed image yet", err=True)
             options["verify"] = searcher.verify_depth(verify)  # a refusal before any work
             for path in _query_paths(images):
                 try:

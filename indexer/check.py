@@ -12,7 +12,6 @@ import logging
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete, select, text
@@ -21,7 +20,7 @@ from . import local, vectors
 from .decode import DEFAULT_MAX_PIXELS
 from .recipe import Recipe
 from .scan import display_path, file_sha256
-from .store import (FAILED, OK, ImageRow, LocalRow, Store, StoreError, default_db_path, lock_holder, now,
+from .store import (FAILED, OK, ImageRow, LocalRow, Store, StoreError, lock_holder, now,
                     pack_vector, unpack_vector, writer_lock)
 
 log = logging.getLogger(__name__)
@@ -101,13 +100,13 @@ def check(db: str | os.PathLike | None = None, *, repair: bool = False, sample: 
     from .encoder import resolve_device
 
     device = resolve_device(device)
-    store = Store(Path(db).expanduser() if db else default_db_path(), create=False)
+    store = Store(db, create=False)
     try:
         if repair and store.read_only:
-            raise StoreError(f"{store.path}: cannot repair: the database's folder is read-only")
-        with writer_lock(store.path, wait=repair) as held:
+            raise StoreError(f"{store.name}: cannot repair: the database's folder is read-only")
+        with writer_lock(store.where, wait=repair) as held:
             if not held and not store.read_only:
-                raise StoreError(f"{store.path}: {lock_holder(store.path) or 'an index run'} is "
+                raise StoreError(f"{store.name}: {lock_holder(store.where) or 'an index run'} is "
                                  "working on it; check it when that has finished")
             return _Checker(store, weights, device, sample).run(repair)
     finally:
@@ -125,7 +124,7 @@ class _Row:
 class _Checker:
     def __init__(self, store: Store, weights, device: str, sample: int):
         self.store, self.weights, self.device, self.sample = store, weights, device, sample
-        self.report = Report(str(store.path))
+        self.report = Report(store.name)
         self.fix = _Repairs()
         self.recipe: Recipe | None = None
         self.faiss_recipe: Recipe | None = None  # the recipe the FAISS file says it was built with
@@ -173,6 +172,8 @@ class _Checker:
 
     # -- the checks, in order ---------------------------------------------
     def _integrity(self) -> bool:
+        if self.store.is_server:  # the server keeps its own pages whole (WAL, checksums)
+            return True
         with self.store.engine.connect() as conn:
             result = [r[0] for r in conn.execute(text("PRAGMA quick_check"))]
         if result != ["ok"]:

@@ -31,7 +31,7 @@ from sqlalchemy.exc import OperationalError
 
 from .atomic import write_atomically
 from .recipe import Recipe, RecipeMismatch
-from .store import (OK, ImageRow, Store, StoreError, default_db_path, now, pack_vector, unpack_vectors,
+from .store import (OK, ImageRow, Store, StoreError, now, pack_vector, unpack_vectors,
                     writer_lock)
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def import_into(db: str | os.PathLike | None, source: str | os.PathLike, **optio
 
 @contextmanager
 def _opened(db, create: bool) -> Iterator[Store]:
-    store = Store(db or default_db_path(), create=create)
+    store = Store(db, create=create)
     try:
         yield store
     finally:
@@ -113,14 +113,14 @@ def export(store: Store, out: Path, *, rows_per_file: int = 1_000_000, batch: in
     with store.session() as s:  # one transaction: the rows, the recipe and the whitening agree
         recipe_text = store.get_setting(s, "recipe")
         if recipe_text is None:
-            raise ExchangeError(f"{store.path}: the database holds no index yet; nothing to export")
+            raise ExchangeError(f"{store.name}: the database holds no index yet; nothing to export")
         dim = Recipe.from_json(recipe_text).dim
         schema = _schema(dim, recipe_text, store.get_setting(s, "whitening"))
         feed = _Feed(_chunks(s, schema, batch))
         files = _write_files(feed, schema, out, None if single else rows_per_file)
     if not single:
         _drop_stale_parts(out, len(files))
-    log.info("exported %d rows of %s to %d file(s) at %s", feed.rows, store.path, len(files), out)
+    log.info("exported %d rows of %s to %d file(s) at %s", feed.rows, store.name, len(files), out)
     return Exported(files, feed.rows)
 
 
@@ -267,15 +267,15 @@ def import_embeddings(store: Store, source: Path, *, batch: int = 1000,
         raise ValueError("batch must be at least 1")
     paths = _parquet_files(Path(source).expanduser().absolute())
     if store.read_only:
-        raise StoreError(f"{store.path}: cannot write to the database: its folder is read-only")
+        raise StoreError(f"{store.name}: cannot write to the database: its folder is read-only")
     failed: list[tuple[str, str]] = []
-    with writer_lock(store.path):
+    with writer_lock(store.where):
         sources = [src for src in (_open(p, failed) for p in paths) if src is not None]
         recipe = _bind(store, sources)
         sources = [src for src in sources if _fits(src, recipe.dim, failed)]
         counts = _load(store, sources, recipe, batch, progress, failed)
     result = Imported(counts["added"], counts["updated"], counts["unchanged"], failed, len(sources))
-    log.info("%s: imported %s", store.path, result.line())
+    log.info("%s: imported %s", store.name, result.line())
     return result
 
 
@@ -301,7 +301,7 @@ def _load(store: Store, sources: list[_Source], recipe: Recipe | None, batch: in
             vectors.update(store)  # the vector index, rebuilt (or retrained) for the new rows
     except OperationalError as exc:  # a failed write (disk full, I/O error)
         reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
-        raise StoreError(f"{store.path}: {reason}; the rows committed so far are kept, "
+        raise StoreError(f"{store.name}: {reason}; the rows committed so far are kept, "
                          "import again to finish") from None
     return counts
 
@@ -407,7 +407,7 @@ def _bind(store: Store, sources: list[_Source]) -> Recipe | None:
     with store.session() as s:
         text = store.get_setting(s, "recipe")
         recipe = Recipe.from_json(text) if text else (sources[0].recipe.global_only() if sources else None)
-        owner = store.path if text else sources[0].path if sources else None
+        owner = store.name if text else sources[0].path if sources else None
         for src in sources:
             diff = recipe.global_only().differences(src.recipe.global_only())
             if diff:
@@ -421,7 +421,7 @@ def _bind(store: Store, sources: list[_Source]) -> Recipe | None:
                 store.set_setting(s, "whitening", whitening)
                 store.bump_generation(s)
             s.commit()
-            log.info("%s: a new database with the recipe of %s", store.path, sources[0].path)
+            log.info("%s: a new database with the recipe of %s", store.name, sources[0].path)
     return recipe
 
 

@@ -5,24 +5,25 @@ import dataclasses
 import os
 
 from . import retune, vectors
-from .store import FAILED, OK, Store, default_db_path
+from .store import FAILED, OK, Store
 
 
 def describe(db: str | os.PathLike | None = None) -> dict:
     """A JSON-ready description of the database at ``db``."""
-    store = Store(db or default_db_path(), create=False)
+    store = Store(db, create=False)
     try:
         recipe = store.recipe()
         whitening = store.whitening()
-        sizes = {}
-        for name, path in (("database", store.path),
-                           ("wal", store.path.with_name(store.path.name + "-wal")),
-                           ("faiss", vectors.index_path(store.path))):
+        sizes = {"database": store.bytes()} if store.is_server else {}
+        files = [("faiss", vectors.index_path(store.path))]
+        if not store.is_server:
+            files[:0] = [("database", store.path), ("wal", store.path.with_name(store.path.name + "-wal"))]
+        for name, path in files:
             if path.exists():
                 sizes[name] = path.stat().st_size
         with_local, local_bytes = store.local_stats()
         return {
-            "database": str(store.path),
+            "database": store.name,
             "recipe": dataclasses.asdict(recipe) if recipe else None,
             "whitening": whitening.describe() if whitening else None,
             "tuned_weights": _tuned_weights(recipe, retune.original(store)),

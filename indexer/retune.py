@@ -87,7 +87,7 @@ def finish(store: Store, make_encoder, *, batch_size: int, workers: int, max_pix
             current.append(r)
         else:
             failures[r.id] = CHANGED
-    log.info("%s: embedding %d images again under the fine-tuned recipe", store.path, len(current))
+    log.info("%s: embedding %d images again under the fine-tuned recipe", store.name, len(current))
     embedded = tried = 0
     if progress:
         progress(0, len(current))

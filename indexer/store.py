@@ -1,19 +1,22 @@
-"""The SQLite database: the single source of truth, embeddings included."""
+"""The database, the single source of truth, embeddings included: a SQLite file, or a
+PostgreSQL server that several machines share."""
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import sqlite3
+import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 from sqlalchemy import (URL, BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text,
-                        create_engine, event, select, func)
+                        create_engine, event, make_url, select, func, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .recipe import Recipe
@@ -87,7 +90,10 @@ class ImageRow(Base):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text, unique=True, nullable=False)
+    # Byte order on PostgreSQL too (its default collation may ignore "/"): folder
+    # filters are range scans of this column's index.
+    path: Mapped[str] = mapped_column(Text().with_variant(Text(collation="C"), "postgresql"),
+                                      unique=True, nullable=False)
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)
     mtime_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -136,27 +142,98 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+Where = Union[Path, URL]
+
+# What --db and $LOOKALIKE_DB take, for errors that refuse anything else.
+SUPPORTED = "a file path, sqlite:///PATH or postgresql://USER@HOST/NAME"
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_POSTGRES = ("postgresql", "postgres")
+# PostgreSQL advisory lock keys ("lkal" and after): index runs share WRITERS, every other
+# writer holds it alone; a write transaction of an index run holds COMMITS until it ends;
+# MIGRATIONS orders two first opens of an empty database.
+WRITERS_KEY, COMMITS_KEY, MIGRATIONS_KEY = 0x6C6B616C, 0x6C6B616D, 0x6C6B616E
+
+
 def default_db_path() -> Path:
-    """$LOOKALIKE_DB, else lookalike.db in the user's data directory."""
-    env = os.environ.get("LOOKALIKE_DB")
-    if env:
-        return Path(env).expanduser()
+    """lookalike.db in the user's data directory."""
     import platformdirs
 
     return Path(platformdirs.user_data_dir("lookalike")) / "lookalike.db"
 
 
+def resolve_db(db: str | os.PathLike | URL | None = None) -> Where:
+    """The database ``db`` names: a file's path, or a PostgreSQL URL (``postgresql://``,
+    ``postgres://`` or ``postgresql+DRIVER://``; psycopg when no driver is named);
+    ``sqlite:///PATH`` is a file. None: $LOOKALIKE_DB, else the user's default file.
+    Any other URL is refused: it must never become a folder named after its scheme."""
+    if isinstance(db, URL):
+        return db
+    if db is None or str(db) == "":
+        db = os.environ.get("LOOKALIKE_DB") or default_db_path()
+    name = os.fspath(db)
+    if not _URL_LIKE.match(name):
+        return Path(name).expanduser()
+    scheme = name.split("://", 1)[0].lower()
+    try:
+        url = make_url(name)
+    except Exception:  # noqa: BLE001 - sqlalchemy's ArgumentError and ValueErrors of ports
+        raise StoreError(f"{_redacted(name)}: not a valid database URL; use {SUPPORTED}") from None
+    backend = scheme.split("+", 1)[0]
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise StoreError(f"{name}: a sqlite URL needs a file: sqlite:///PATH")
+        return Path(url.database).expanduser()
+    if backend in _POSTGRES:
+        if not url.database:
+            raise StoreError(f"{_redacted(name)}: the URL names no database: postgresql://USER@HOST/NAME")
+        driver = scheme.split("+", 1)[1] if "+" in scheme else "psycopg"
+        return url.set(drivername=f"postgresql+{driver}")
+    raise StoreError(f"{_redacted(name)}: unsupported database URL scheme {scheme!r}; use {SUPPORTED}")
+
+
+def _redacted(name: str) -> str:
+    """A URL as it may be printed: without its password."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", name)
+
+
+def describe(where: Where) -> str:
+    """``where`` as messages name it (a URL without its password)."""
+    if not isinstance(where, URL):
+        return str(where)
+    if where.drivername == "postgresql+psycopg":  # the default driver goes unsaid
+        where = where.set(drivername="postgresql")
+    return where.render_as_string(hide_password=True)
+
+
 @contextmanager
-def writer_lock(db: Path, wait: bool = True) -> Iterator[bool]:
-    """Hold the one writer's lock of ``db``; yields whether it was acquired.
+def writer_lock(db: Where, wait: bool = True, shared: bool = False) -> Iterator[bool]:
+    """Hold the writers' lock of ``db``; yields whether it was acquired.
 
     Index runs wait for each other (``wait``): two runs interleaving their
     commits would each save a FAISS index missing the other's changes, under a
     generation that looks current. A reader asks without waiting, to know
-    whether it may write the FAISS file. The holder writes its process id and
-    start time into the lock file, so a waiting run can say whom it waits for.
-    Without fcntl (not POSIX) there is no lock and the caller is trusted.
+    whether it may write the FAISS file.
+
+    A file's lock is a lock file beside it, whose holder writes its process id
+    and start time in it, so a waiting run can say whom it waits for; without
+    fcntl (not POSIX) there is no lock and the caller is trusted. A server's
+    is an advisory lock in the database, which index runs (``shared``) hold
+    together, every other writer alone; a reader needs none (its FAISS file
+    is its own, in its cache).
     """
+    if isinstance(db, URL):
+        if not wait:
+            yield True
+            return
+        with _server_lock(db, shared) as held:
+            yield held
+        return
+    with _file_lock(db, wait) as held:
+        yield held
+
+
+@contextmanager
+def _file_lock(db: Path, wait: bool) -> Iterator[bool]:
     try:
         import fcntl
     except ImportError:
@@ -195,13 +272,81 @@ def writer_lock(db: Path, wait: bool = True) -> Iterator[bool]:
                 handle.flush()
 
 
-def lock_holder(db: Path) -> str | None:
+@contextmanager
+def _server_lock(url: URL, shared: bool) -> Iterator[bool]:
+    """The writers' advisory lock, on a connection of its own: the server lets it go
+    when the connection ends, so a killed writer never leaves it held."""
+    engine = _server_engine(url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            suffix = "_shared" if shared else ""
+            if not conn.execute(text(f"SELECT pg_try_advisory_lock{suffix}({WRITERS_KEY})")).scalar():
+                log.warning("waiting for %s on %s to finish",
+                            lock_holder(url) or "another lookalike writer", describe(url))
+                conn.execute(text(f"SELECT pg_advisory_lock{suffix}({WRITERS_KEY})"))
+            try:
+                yield True
+            finally:
+                conn.execute(text(f"SELECT pg_advisory_unlock{suffix}({WRITERS_KEY})"))
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - connection failures of any driver
+        if not isinstance(exc, _db_errors()):
+            raise
+        raise StoreError(f"{describe(url)}: {_first_line(exc)}") from None
+    finally:
+        engine.dispose()
+
+
+def lock_holder(db: Where) -> str | None:
     """'index run pid N on HOST since TIME (UTC)' for the run holding ``db``'s lock, if it says."""
+    if isinstance(db, URL):
+        return _server_holder(db)
     try:
         pid, host, since = db.with_name(db.name + ".lock").read_text().split()[:3]
     except (OSError, ValueError):
         return None
     return f"index run pid {pid} on {host} since {since.replace('T', ' ')} UTC"
+
+
+def _server_holder(url: URL) -> str | None:
+    """Who holds the writers' advisory lock, by the application name each writer gives."""
+    engine = _server_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT a.application_name, a.backend_start FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                "AND l.granted AND l.objid = :key"), {"key": WRITERS_KEY}).all()
+    except Exception:  # noqa: BLE001 - only a nicer message is lost
+        return None
+    finally:
+        engine.dispose()
+    names = sorted({r[0] for r in rows if r[0]})
+    return " and ".join(names) or None
+
+
+def _server_engine(url: URL):
+    """An engine for a PostgreSQL URL; each connection names this process (lock_holder)."""
+    try:
+        return create_engine(url, pool_pre_ping=True, connect_args={
+            "application_name": f"lookalike pid {os.getpid()} on {socket.gethostname()}"[:63],
+            "connect_timeout": 10})
+    except ImportError:
+        raise StoreError(f"{describe(url)}: PostgreSQL needs its driver: "
+                         "pip install 'lookalike[postgres]'") from None
+
+
+def _db_errors() -> tuple[type[Exception], ...]:
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return (DBAPIError, OperationalError)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
 
 
 def _alembic_config(connection):
@@ -227,6 +372,8 @@ def migrate(engine, db: str, create: bool = True, upgrade: bool = True) -> None:
     from alembic.script import ScriptDirectory
 
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # two first opens: one creates, one waits
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATIONS_KEY})"))
         cfg = _alembic_config(conn)
         script = ScriptDirectory.from_config(cfg)
         current = MigrationContext.configure(conn).get_current_heads()
@@ -247,15 +394,44 @@ def migrate(engine, db: str, create: bool = True, upgrade: bool = True) -> None:
 
 
 class Store:
-    """Open (creating or upgrading) a lookalike database.
+    """Open (creating or upgrading) a lookalike database: a file, or a PostgreSQL server.
 
     With ``create`` false (a reader), a database in a folder this process may
     not write to is opened read-only: SQLite's WAL mode would otherwise need
     to create its shared-memory file beside it.
+
+    ``path`` is where the files that go with the database live: the database
+    file itself, or for a server a name in the user's cache, unique to that
+    database, beside which each machine keeps its own FAISS file. ``name`` is
+    how messages name the database.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True):
-        self.path = Path(path).expanduser().absolute()
+    def __init__(self, db: str | os.PathLike | URL | None = None, *, create: bool = True):
+        self.where = resolve_db(db)
+        self.name = describe(self.where)
+        self.is_server = isinstance(self.where, URL)
+        if self.is_server:
+            self.read_only = False
+            self.engine = _server_engine(self.where)
+        else:
+            self.path = self.where.absolute()
+            self.name = str(self.path)
+            self._open_file(create)
+        try:
+            migrate(self.engine, self.name, create, upgrade=not self.read_only)
+            if self.is_server:
+                self.path = self._cache_path()
+        except StoreError:
+            self.engine.dispose()
+            raise
+        except Exception as exc:  # noqa: BLE001 - sqlite3.DatabaseError, a server's errors
+            self.engine.dispose()
+            if self.is_server and isinstance(exc, _db_errors()):
+                raise StoreError(f"{self.name}: {_first_line(exc)}") from None
+            msg = str(getattr(exc, "orig", exc)).splitlines()[0]
+            raise StoreError(f"{self.name}: not a usable lookalike database ({msg})") from None
+
+    def _open_file(self, create: bool) -> None:
         try:
             self._check_path(create)
         except OSError as exc:
@@ -271,15 +447,6 @@ class Store:
             self.engine = create_engine(URL.create("sqlite", database=str(self.path)))
             event.listen(self.engine, "connect", _sqlite_pragmas)
         _explicit_transactions(self.engine)
-        try:
-            migrate(self.engine, str(self.path), create, upgrade=not self.read_only)
-        except StoreError:
-            self.engine.dispose()
-            raise
-        except Exception as exc:  # noqa: BLE001 - sqlite3.DatabaseError and friends
-            self.engine.dispose()
-            msg = str(getattr(exc, "orig", exc)).splitlines()[0]
-            raise StoreError(f"{self.path}: not a usable lookalike database ({msg})") from None
 
     def _check_path(self, create: bool) -> None:
         if not self.path.exists():
@@ -294,11 +461,50 @@ class Store:
         elif not create and self.path.stat().st_size == 0:
             raise StoreError(f"{self.path}: not a lookalike database (an empty file)")
 
+    def _cache_path(self) -> Path:
+        """This server database's name in the user's cache: its host, name and an id kept in
+        it (a database dropped and made again under the same name is another one)."""
+        from .encoder import cache_dir
+
+        with self.engine.begin() as conn:
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATIONS_KEY})"))
+            ident = conn.execute(select(Setting.value).where(Setting.key == "database_id")).scalar()
+            if ident is None:
+                ident = uuid.uuid4().hex
+                conn.execute(Setting.__table__.insert().values(key="database_id", value=ident))
+        url = self.where
+        label = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{url.database}@{url.host or 'local'}-{url.port or 5432}")
+        folder = cache_dir() / "databases"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{label}-{ident[:12]}"
+
     def close(self) -> None:
         self.engine.dispose()
 
-    def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    def bytes(self) -> int:
+        """The database's size on disk: its file's, or what the server says it takes."""
+        if not self.is_server:
+            return self.path.stat().st_size
+        with self.engine.connect() as conn:
+            return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar())
+
+    def session(self, write: bool = False) -> Session:
+        """A session; with ``write``, on a server each of its transactions first waits for
+        the other writers' to end, so that commits of runs at once never interleave
+        (SQLite's writers are one at a time already)."""
+        s = Session(self.engine, expire_on_commit=False)
+        if write and self.is_server:
+            event.listen(s, "after_begin", _take_commits_lock)
+        return s
+
+    def local_files_lock(self):
+        """Held while writing the files beside the database: for a server, by the processes
+        of this machine, which may write them at once (a file's writers hold writer_lock)."""
+        if not self.is_server:
+            from contextlib import nullcontext
+
+            return nullcontext(True)
+        return _file_lock(self.path, wait=True)
 
     # -- settings ---------------------------------------------------------
     def get_setting(self, session: Session, key: str) -> str | None:
@@ -375,7 +581,7 @@ class Store:
     def _dim(self) -> int:
         recipe = self.recipe()
         if recipe is None:
-            raise StoreError(f"{self.path}: the database holds no index yet")
+            raise StoreError(f"{self.name}: the database holds no index yet")
         return recipe.dim
 
     def vectors_by_id(self, ids) -> dict[int, np.ndarray]:
@@ -506,6 +712,10 @@ class Store:
             return [tuple(r) for r in s.execute(
                 select(ImageRow.path, ImageRow.error).where(ImageRow.status == FAILED)
                 .order_by(ImageRow.path)).all()]
+
+
+def _take_commits_lock(_session, _transaction, connection) -> None:
+    connection.execute(text(f"SELECT pg_advisory_xact_lock({COMMITS_KEY})"))
 
 
 def _writable(path: Path) -> bool:

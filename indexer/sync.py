@@ -24,7 +24,7 @@ from .store import (
     LocalRow,
     Store,
     StoreError,
-    default_db_path,
+    resolve_db,
     now,
     pack_vector,
     unpack_vector,
@@ -118,10 +118,12 @@ class Indexer(Tuning):
                  max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False,
                  scales: Sequence[float] | None = None, whiten: str | None = "auto",
                  local_features: str | None = None, keypoints: int | None = None,
-                 index: str | None = None, memory: int | None = None):
+                 index: str | None = None, memory: int | None = None, ray: str | None = None):
         """``index``: the vector index, "auto" (by size and ``memory``, bytes of RAM for
-        it), "exact" or a FAISS factory key with IVF; None keeps the database's choice."""
-        self.db = Path(db).expanduser() if db else default_db_path()
+        it), "exact" or a FAISS factory key with IVF; None keeps the database's choice.
+        ``ray``: embed on a Ray cluster (indexer.cluster) at this address, "auto" for
+        $RAY_ADDRESS or a local one; None embeds in this process."""
+        self.db = resolve_db(db)
         self.options = dict(model=model, layer=layer, pooling=pooling, gem_p=gem_p,
                             image_size=image_size, scales=tuple(scales) if scales else None,
                             local_features=local_features, keypoints=keypoints)
@@ -142,6 +144,7 @@ class Indexer(Tuning):
         self.include_hidden = include_hidden
         self.max_pixels = max_pixels
         self.retry_failed = retry_failed
+        self.ray = ray
 
     # -- recipe -----------------------------------------------------------
     def _recipe(self, store: Store) -> Recipe:
@@ -172,7 +175,7 @@ class Indexer(Tuning):
             keypoints=o["keypoints"] or stored.local_keypoints or None,
             local_size=stored.local_size or None,
         )
-        stored.require_same(asked, str(store.path))
+        stored.require_same(asked, store.name)
         return stored
 
     # -- the run ----------------------------------------------------------
@@ -185,7 +188,14 @@ class Indexer(Tuning):
         if not roots:
             raise ValueError("no folder to index")
         device = resolve_device(self.device)  # a bad device fails now, not after the scan
-        with writer_lock(self.db):
+        if self.ray is not None:  # an unreachable cluster or an unreadable root fails now too
+            from . import cluster
+
+            cluster.start(self.ray)
+            cluster.check_roots(roots)
+        # On a server, index runs share the writers' lock and take turns commit by
+        # commit; on a file they run one at a time.
+        with writer_lock(self.db, shared=True):
             store = Store(self.db)
             try:
                 self._finish_retune(store, device)
@@ -199,7 +209,7 @@ class Indexer(Tuning):
                     reason = f"the run stopped{at}: {exc.strerror}"
                 else:
                     raise
-                raise StoreError(f"{store.path}: {reason}; the images committed so far are kept, "
+                raise StoreError(f"{store.name}: {reason}; the images committed so far are kept, "
                                  "run again to finish") from None
             finally:
                 store.close()
@@ -238,7 +248,7 @@ class Indexer(Tuning):
     @staticmethod
     def _set_whitening(store: Store, whitening, forget: bool = False) -> None:
         """Store ``whitening`` (None: off for good), or with ``forget`` none at all, as if never set."""
-        with store.session() as s:
+        with store.session(write=True) as s:
             if forget:
                 store.forget_whitening(s)
             else:
@@ -253,12 +263,12 @@ class Indexer(Tuning):
         if not x.n:
             from .whitening import WhiteningError
 
-            raise WhiteningError(f"{store.path}: the database holds no images to learn whitening from")
+            raise WhiteningError(f"{store.name}: the database holds no images to learn whitening from")
         w = learn(x, kind,
                   DEFAULT_SHRINKAGE if shrinkage is None else shrinkage,
                   learned_at=now().strftime("%Y-%m-%d %H:%M:%S"))
         self._set_whitening(store, w)
-        log.info("%s: %s", store.path, w.describe())
+        log.info("%s: %s", store.name, w.describe())
         return w
 
     @staticmethod
@@ -297,7 +307,7 @@ class Indexer(Tuning):
         """(recipe, an Encoder or None): the stored recipe, or a new database's, now kept."""
         recipe = self._recipe(store)
         encoder = None
-        with store.session() as s:
+        with store.session(write=True) as s:
             if store.get_setting(s, "recipe") is None:
                 if self.weights is not None:
                     from .encoder import Encoder
@@ -353,7 +363,7 @@ class Indexer(Tuning):
         # Descriptors of content already indexed, read before any row changes:
         # when names are swapped, a live row may already hold its new content.
         known: dict[str, tuple[int, bytes, int, int, bytes | None]] = {}
-        with store.session() as s:
+        with store.session(write=True) as s:
             for sha in set(hashes.values()):
                 hit = s.execute(select(ImageRow.id, ImageRow.embedding, ImageRow.width,
                                        ImageRow.height, LocalRow.data)
@@ -368,7 +378,7 @@ class Indexer(Tuning):
                 missing_by_sha.setdefault(row.sha256, []).append(row)
 
         index = vectors.load(store)
-        generation = store.generation()
+        self._seen, self._behind = index.generation, False
         to_embed: list[FileStat] = []
         with store.session() as s:
             changed_vectors = False
@@ -420,16 +430,28 @@ class Indexer(Tuning):
                 index.remove(ids)
                 summary.removed += len(ids)
                 changed_vectors = True
-            if changed_vectors or summary.failures:
-                store.bump_generation(s)
-            s.commit()
-            generation = store.generation(s)
+            generation = self._commit(store, s, bump=bool(changed_vectors or summary.failures))
 
         if to_embed:
             generation = self._embed(store, encoder or (lambda: self._encoder(recipe, device)),
                                      recipe, to_embed, by_path, hashes, index, summary, progress)
+        if self._behind:  # other writers of the server's database committed meanwhile
+            index = vectors.load(store, save_rebuilt=False, expected=True)
+            generation = index.generation
         _save(store, index, generation, previous)
         return summary
+
+    def _commit(self, store: Store, s, bump: bool = True) -> int:
+        """Commit ``s``, moving the generation if ``bump``; the generation now. Notes when
+        another writer (of a server's database) has committed since this run's last commit:
+        this run's vector index then misses their changes, and is rebuilt before it is saved."""
+        if store.generation(s) != self._seen:
+            self._behind = True
+        if bump:
+            store.bump_generation(s)
+        s.commit()
+        self._seen = store.generation(s)
+        return self._seen
 
     def _hash(self, files: list[FileStat]) -> tuple[dict[str, str], dict[str, str]]:
         """Content hashes of ``files`` (threads: hashlib releases the GIL), and reasons for the unreadable."""
@@ -451,6 +473,9 @@ class Indexer(Tuning):
         return hashes, unreadable
 
     def _upsert(self, s, row, f: FileStat, sha, status, error, embedding, width, height) -> ImageRow:
+        if row is None and s.get_bind().dialect.name == "postgresql":
+            # Another machine's run over the same folder may have added it since the scan.
+            row = s.execute(select(ImageRow.id).where(ImageRow.path == f.path)).first()
         if row is None:
             db_row = ImageRow(path=f.path)
             s.add(db_row)
@@ -482,10 +507,17 @@ class Indexer(Tuning):
         if progress:
             progress(0, len(files))
         generation = store.generation()
-        for results in embed_files([f.path for f in files], encoder, recipe=recipe,
-                                   batch_size=self.batch_size, workers=min(self.workers, len(files)),
-                                   max_pixels=self.max_pixels):
-            with store.session() as s:
+        paths = [f.path for f in files]
+        if self.ray is not None:
+            from . import cluster
+
+            batches = cluster.embed_files(paths, recipe, weights=self.weights, batch_size=self.batch_size,
+                                          max_pixels=self.max_pixels)
+        else:
+            batches = embed_files(paths, encoder, recipe=recipe, batch_size=self.batch_size,
+                                  workers=min(self.workers, len(files)), max_pixels=self.max_pixels)
+        for results in batches:
+            with store.session(write=True) as s:
                 new_ids, new_vecs, replaced = [], [], []
                 for r in results:
                     f = files[r.index]
@@ -513,9 +545,7 @@ class Indexer(Tuning):
                     new_ids.append(db_row.id)
                     new_vecs.append(vec)
                     summary.embedded += 1
-                store.bump_generation(s)
-                s.commit()
-                generation = store.generation(s)
+                generation = self._commit(store, s)
             index.remove(replaced)
             if new_ids:
                 index.add(new_ids, np.stack(new_vecs))

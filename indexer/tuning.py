@@ -175,7 +175,7 @@ class Tuning:
         if store.count(OK) >= CENTER_MIN_IMAGES:
             w = w.centred(self._collection(store))
         self._set_whitening(store, w)
-        log.info("%s: %s", store.path, w.describe())
+        log.info("%s: %s", store.name, w.describe())
         return Tuned("whiten", len(vecs), len(set(groups)), pair_count(groups), embedded,
                      w.describe(), failures)
 

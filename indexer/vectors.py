@@ -521,7 +521,7 @@ def set_choice(store: Store, choice: str | None, memory: int | None, dim: int) -
     if choice not in (AUTO, EXACT):
         _new_faiss(choice, dim)  # refuse a bad key before any work
     if (choice, memory) != (old_choice, old_memory):
-        with store.session() as s:
+        with store.session(write=True) as s:
             store.set_setting(s, "vector_index", json.dumps({"choice": choice, "memory": memory}))
             s.commit()
     return choice, memory
@@ -629,7 +629,7 @@ def load(store: Store, dim: int | None = None, save_rebuilt: bool = True, mmap: 
     if (stale_ok and index is not None and meta.get("whitening") == whitening_mark(store)
             and index.stored_dim == index.space_dim):
         log.info("%s: searching the vector index of an earlier state while an index run is under way",
-                 store.path)
+                 store.name)
         return index
     if why:
         (log.info if expected else log.warning)("rebuilding the vector index from the database: %s", why)
@@ -639,7 +639,7 @@ def load(store: Store, dim: int | None = None, save_rebuilt: bool = True, mmap: 
         try:
             save(store, index, generation)
         except OSError as exc:  # a read-only folder: search from memory all the same
-            log.warning("cannot write the FAISS index next to %s: %s", store.path, exc.strerror or exc)
+            log.warning("cannot write the FAISS index of %s: %s", store.name, exc.strerror or exc)
     return index
 
 
@@ -677,6 +677,15 @@ def save(store: Store, index: VectorIndex, generation: int) -> None:
     The caller holds the writer's lock, so temp files found next to the index
     were left by a writer that was killed: they are removed. Raises OSError.
     """
+    with store.local_files_lock():
+        on_disk = _read_meta(store).get("generation")
+        if store.is_server and isinstance(on_disk, int) and generation < on_disk <= store.generation():
+            # Another process of this machine saved a later state of the shared database.
+            return
+        _write(store, index, generation)
+
+
+def _write(store: Store, index: VectorIndex, generation: int) -> None:
     import faiss
 
     path, meta_path = index_path(store.path), _meta_path(store.path)

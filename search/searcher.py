@@ -5,7 +5,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Union
 
 import numpy as np
@@ -13,7 +12,7 @@ import numpy as np
 from indexer import vectors
 from indexer.decode import DEFAULT_MAX_PIXELS, open_image
 from indexer.pooling import l2n
-from indexer.store import Store, StoreError, default_db_path, writer_lock
+from indexer.store import Store, StoreError, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,11 @@ class Searcher:
             raise ValueError("dba must be 0 or more")
         self.dba, self.alpha = int(dba), float(alpha)
 
-        self.store = Store(Path(db).expanduser() if db else default_db_path(), create=False)
+        self.store = Store(db, create=False)
         try:
             recipe = self.store.recipe()
             if recipe is None:
-                raise StoreError(f"{self.store.path}: the database holds no index yet; "
+                raise StoreError(f"{self.store.name}: the database holds no index yet; "
                                  "run 'lookalike index' first")
             self.recipe = recipe
             self.device = resolve_device(device)
@@ -106,7 +105,7 @@ class Searcher:
         with self._lock:
             if generation == self._generation:
                 return False
-            with writer_lock(self.store.path, wait=False) as writer:
+            with writer_lock(self.store.where, wait=False) as writer:
                 if not writer and self._generation is not None and not during_run:
                     # An index run is under way: serve the index we have, rather than
                     # rebuild after each of its batches; it saves a new one at the end.
@@ -252,17 +251,17 @@ class Searcher:
             raise ValueError("verify must be 0 or more")
         if not self.recipe.has_local:
             if verify:
-                raise ValueError(f"{self.store.path} holds no local features to verify with (it was "
+                raise ValueError(f"{self.store.name} holds no local features to verify with (it was "
                                  "indexed with --local-features none); index into a new database")
             return 0
         if self.recipe.local_codec != local.codec():
             if verify is None:
                 log.warning("%s: local features stored as %s, this lookalike reads %s; searching "
-                            "without verification", self.store.path, self.recipe.local_codec, local.codec())
+                            "without verification", self.store.name, self.recipe.local_codec, local.codec())
                 return 0
             from indexer import RecipeMismatch
 
-            raise RecipeMismatch(f"{self.store.path}: local features stored as {self.recipe.local_codec}, "
+            raise RecipeMismatch(f"{self.store.name}: local features stored as {self.recipe.local_codec}, "
                                  f"this lookalike reads {local.codec()}; index into a new database")
         return DEFAULT_VERIFY if verify is None else int(verify)
 

@@ -458,7 +458,7 @@ def _add_collection_routes(app: FastAPI) -> None:
     def info() -> dict:
         from indexer.info import describe
 
-        return describe(searcher.store.path)
+        return describe(searcher.store.where)
 
     @app.get("/api/duplicates", summary="Groups of copies of one picture", responses=_errors(422))
     def duplicates(threshold: Annotated[float | None, Query(ge=-1, le=1, description=(

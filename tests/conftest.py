@@ -83,6 +83,55 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "index.db"
 
 
+# The storage tests run on SQLite and on this PostgreSQL server, where they may create
+# databases (bash .ci/run starts one and sets it).
+POSTGRES_ENV = "LOOKALIKE_TEST_POSTGRES"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path: Path):
+    """A new database on each backend: a file's path, or the URL of a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "index.db"
+    return request.getfixturevalue("pg_db")
+
+
+@pytest.fixture
+def pg_db(pg_server: str):
+    """The URL of a new, empty PostgreSQL database, dropped after the test."""
+    import uuid
+
+    from sqlalchemy import make_url
+
+    name = f"lookalike_test_{uuid.uuid4().hex[:12]}"
+    _pg_admin(pg_server, f'CREATE DATABASE "{name}"')
+    yield make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+    _pg_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """$LOOKALIKE_TEST_POSTGRES, or a skip (a failure where LOOKALIKE_REQUIRE_POSTGRES=1, as in CI)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        why = (f"no PostgreSQL server: set {POSTGRES_ENV}=postgresql://USER:PASSWORD@HOST/DB "
+               "(a role that may create databases), or run bash .ci/run")
+        if os.environ.get("LOOKALIKE_REQUIRE_POSTGRES"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return url
+
+
+def _pg_admin(url: str, statement: str) -> None:
+    import psycopg
+    from sqlalchemy import make_url
+
+    u = make_url(url)
+    with psycopg.connect(host=u.host or "localhost", port=u.port or 5432, user=u.username,
+                         password=u.password, dbname=u.database, autocommit=True) as con:
+        con.execute(statement)
+
+
 def png_header(width: int, height: int, mode_bits: tuple[int, int] = (8, 0)) -> bytes:
     """A tiny PNG whose header declares ``width`` x ``height`` (no real pixel data)."""
 
@@ -209,16 +258,15 @@ def vector_index_of(db: Path):
 def index_agrees_with_db(db: Path) -> list[int]:
     """The vector index on disk holds exactly the database's descriptors (whitened as the
     index holds them), under their ids; returns the ids."""
-    import sqlite3
-    from contextlib import closing
+    from sqlalchemy import text
 
     from indexer.store import unpack_vector
 
     index, store = vector_index_of(db)
     try:
         ids = index.ids()
-        with closing(sqlite3.connect(db)) as con:
-            rows = con.execute("select id, embedding from images where status='ok' order by id").fetchall()
+        with store.engine.connect() as con:
+            rows = con.execute(text("select id, embedding from images where status='ok' order by id")).all()
         assert sorted(ids.tolist()) == [r[0] for r in rows]
         if rows and index.layout.exact:
             held = index.vectors([r[0] for r in rows])
@@ -227,3 +275,33 @@ def index_agrees_with_db(db: Path) -> list[int]:
         return sorted(ids.tolist())
     finally:
         store.close()
+
+
+def faiss_file(db) -> Path:
+    """The FAISS file of the database ``db`` (a path or a URL): beside a file, in the cache for a server."""
+    from indexer import vectors
+    from indexer.store import Store
+
+    store = Store(db, create=False)
+    try:
+        return vectors.index_path(store.path)
+    finally:
+        store.close()
+
+
+def sql(db, statement: str, **params) -> list[tuple]:
+    """The rows of ``statement`` run on the database ``db`` (a path or a URL), as tuples;
+    without creating or upgrading anything."""
+    from sqlalchemy import URL, create_engine, text
+
+    from indexer.store import resolve_db
+
+    where = resolve_db(db)
+    url = where if isinstance(where, URL) else URL.create("sqlite", database=str(where))
+    engine = create_engine(url)
+    try:
+        with engine.begin() as con:
+            result = con.execute(text(statement), params)
+            return [tuple(r) for r in result] if result.returns_rows else []
+    finally:
+        engine.dispose()

@@ -17,7 +17,9 @@ def upgrade() -> None:
     op.create_table(
         "images",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("path", sa.Text(), nullable=False, unique=True),
+        # Byte order on PostgreSQL too: folder filters are range scans of this index.
+        sa.Column("path", sa.Text().with_variant(sa.Text(collation="C"), "postgresql"),
+                  nullable=False, unique=True),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("mtime_ns", sa.BigInteger(), nullable=False),
         sa.Column("sha256", sa.String(64)),

@@ -1,0 +1,294 @@
+"""Embed files on a Ray cluster with Ray Data: one model per actor, results streamed to the driver.
+
+The driver (sync.Indexer) keeps the database: it connects (``start``), checks that
+every node can read the roots (``check_roots``), then commits the Results that
+``embed_files`` yields batch by batch, as it does for a local run. Each actor
+decodes and embeds its batch with indexer.pipeline.embed_files, the code of a
+local run, so a descriptor does not depend on where it was made.
+
+Ray is imported inside the functions: ``import indexer.cluster`` works without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .decode import PROCESS_ERRNOS
+from .pipeline import Result
+from .scan import display_path
+
+log = logging.getLogger(__name__)
+
+RAY_EXTRA = "the Ray engine needs the ray extra: pip install 'lookalike[ray]'"
+# An actor decodes, then embeds, in one thread: with more CPUs than one it would
+# leave the others idle while it decodes. So one CPU, one model, per actor.
+CPUS_PER_ACTOR = 1
+# Tasks queued on an actor beyond the one it runs: its next block is fetched while
+# it works, and a killed actor has no more than this to redo.
+TASKS_PER_ACTOR = 2
+# Putting a block in the object store costs the driver about a millisecond and a
+# half, so a large run gets fewer, larger blocks (1M files: 2000 blocks, 10 s).
+MAX_BLOCKS = 2000
+# How long a node may take to answer check_roots.
+PROBE_TIMEOUT_S = 120.0
+
+
+class ClusterError(Exception):
+    """The Ray cluster cannot do the run (unreachable, cannot read a root, failed); str() is one line."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def _ray():
+    """The ray module, with Ray Data; ClusterError when it is not installed."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the engine needs it, so fail now rather than mid-run
+    except ImportError:
+        raise ClusterError(RAY_EXTRA) from None
+    return ray
+
+
+def start(address: str) -> None:
+    """Connect to the Ray cluster at ``address`` ("auto": $RAY_ADDRESS, else a new local
+    instance), unless this process already is; ClusterError when that fails."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    auto = address == "auto"
+    where = os.environ.get("RAY_ADDRESS") if auto else address
+    began = time.perf_counter()
+    try:
+        # Worker output stays in the session's log files: the driver reports what matters.
+        ray.init(address=None if auto else address, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the cluster's
+        what = f"connect to the Ray cluster at {where}" if where else "start a local Ray instance"
+        raise ClusterError(f"cannot {what}: {_first_line(exc)}") from None
+    log.info("Ray %s in %.1f s", f"connected to {where}" if where else "started locally",
+             time.perf_counter() - began)
+
+
+def _probe(roots: Sequence[str]) -> tuple[str, str, str] | None:
+    """On a node: (root, this node's address, reason) for the first root it cannot read."""
+    import ray
+
+    for root in roots:
+        try:
+            if os.path.isdir(root):
+                os.listdir(root)
+                if not os.access(root, os.R_OK | os.X_OK):
+                    raise PermissionError(13, "Permission denied")
+            else:
+                with open(root, "rb"):
+                    pass
+        except OSError as exc:
+            return root, ray.util.get_node_ip_address(), exc.strerror or _first_line(exc)
+    return None
+
+
+def check_roots(roots: list[str]) -> None:
+    """ClusterError, in one line, when a node of the cluster cannot read one of ``roots``:
+    a small task on every alive node lists each root."""
+    ray = _ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # No CPU asked for: the check must run even on a cluster busy with other work.
+    probe = ray.remote(num_cpus=0, max_retries=1)(_probe)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(list(roots)) for n in nodes]
+    try:
+        answers = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(f"a Ray node did not answer within {PROBE_TIMEOUT_S:g} s whether it "
+                           "can read the folders to index") from None
+    except ray.exceptions.RayError as exc:
+        raise ClusterError(f"cannot check the folders on the Ray workers: {_first_line(exc)}") from None
+    failed = [a for a in answers if a is not None]
+    if failed:
+        root, node, reason = failed[0]
+        more = f" (and {len(failed) - 1} more nodes)" if len(failed) > 1 else ""
+        raise ClusterError(f"{display_path(root)}: not readable on the Ray worker at {node}: {reason}{more}; "
+                           "the files must be on a filesystem every worker shares")
+    log.debug("%d Ray nodes can read %d roots", len(nodes), len(roots))
+
+
+@contextlib.contextmanager
+def _cpu_count(n: int):
+    """os.cpu_count() says ``n`` inside: Encoder sizes ONNX Runtime's thread pool by it, and an
+    actor owns ``n`` CPUs of its node, not all of them (see the report on Encoder threads)."""
+    real = os.cpu_count
+    os.cpu_count = lambda: n
+    try:
+        yield
+    finally:
+        os.cpu_count = real
+
+
+class _Embedder:
+    """A Ray Data actor: builds the model once, then embeds batches of paths as a local run does.
+
+    A failure to build the model is raised by the first call, not by the constructor:
+    a constructor's error reaches the driver only as text, a call's as the exception.
+    """
+
+    def __init__(self, recipe_json: str, weights: str | None, batch_size: int, max_pixels: int,
+                 cpus: int):
+        import ray
+
+        from .encoder import Encoder
+        from .recipe import Recipe
+
+        began = time.perf_counter()
+        self.recipe = Recipe.from_json(recipe_json)
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.encoder, self.failure = None, None
+        # Ray hides the other GPUs from the actor: "cuda" is the one it was given.
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        try:
+            with _cpu_count(cpus):
+                self.encoder = Encoder(self.recipe, weights, device)
+        except Exception as exc:  # noqa: BLE001 - raised again by __call__
+            self.failure = exc
+        self.load_s = time.perf_counter() - began
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .pipeline import embed_files
+
+        if self.failure is not None:
+            raise self.failure
+        index = batch["index"]
+        paths = [str(p) for p in batch["path"]]
+        # workers=0: decoded in this actor; an OSError of the process (EMFILE) goes up as it is.
+        results = [r for rs in embed_files(paths, self.encoder, recipe=self.recipe,
+                                           batch_size=self.batch_size, workers=0,
+                                           max_pixels=self.max_pixels) for r in rs]
+        load_s, self.load_s = self.load_s, 0.0  # reported once per actor
+        return _columns(results, index, load_s)
+
+
+def _columns(results: list[Result], index: np.ndarray, load_s: float) -> dict[str, np.ndarray]:
+    """Results as columns without nulls (b"" and "" stand for None): a column of nulls
+    alone in a block would get another Arrow type than the same column elsewhere."""
+    def objects(values) -> np.ndarray:
+        out = np.empty(len(results), dtype=object)
+        out[:] = list(values)
+        return out
+
+    return {
+        "index": np.array([index[r.index] for r in results], dtype=np.int64),
+        "vector": objects(b"" if r.vector is None else np.asarray(r.vector, np.float32).tobytes()
+                          for r in results),
+        "width": np.array([r.width for r in results], dtype=np.int64),
+        "height": np.array([r.height for r in results], dtype=np.int64),
+        "error": objects(r.error or "" for r in results),
+        "local": objects(r.local or b"" for r in results),
+        "load_s": np.full(len(results), load_s, dtype=np.float64),
+    }
+
+
+def _results(batch: dict[str, np.ndarray]) -> list[Result]:
+    """The driver's Results for a batch of columns (see _columns)."""
+    out = []
+    for i, vec, w, h, err, local in zip(batch["index"], batch["vector"], batch["width"],
+                                         batch["height"], batch["error"], batch["local"]):
+        vector = np.frombuffer(vec, dtype=np.float32).copy() if len(vec) else None
+        out.append(Result(int(i), vector, int(w), int(h), str(err) or None, bytes(local) or None))
+    return out
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's own console lines only at -v (warnings) and -vv (all): the caller shows
+    progress and errors; the session's ray-data.log keeps everything."""
+    level = (logging.INFO if log.isEnabledFor(logging.DEBUG)
+             else logging.WARNING if log.isEnabledFor(logging.INFO) else logging.CRITICAL)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(level)
+    from ray.util.debug import log_once
+
+    # Ray Data warns once that its progress bars are off; they are off on purpose.
+    log_once("ray_data_progress_manager_disabled")
+
+
+def _dataset(ray, paths: Sequence[str], recipe, weights, batch_size: int, max_pixels: int):
+    """The lazy Dataset of Results columns: the paths in small blocks, through a pool of actors."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the caller has its own
+    ctx.raise_original_map_exception = True  # an OSError arrives as one, errno and all
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    blocks = min(math.ceil(len(paths) / batch_size), MAX_BLOCKS)
+    actors = max(1, min(gpus or int(resources.get("CPU", 1)) // CPUS_PER_ACTOR, blocks))
+    log.info("embedding %d files on Ray: %d actors (%s), %d blocks", len(paths), actors,
+             "1 GPU each" if gpus else f"{CPUS_PER_ACTOR} CPU each", blocks)
+    items = [{"index": i, "path": p} for i, p in enumerate(paths)]
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _Embedder, batch_size=batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
+        fn_constructor_kwargs=dict(recipe_json=recipe.to_json(),
+                                   weights=None if weights is None else os.fspath(weights),
+                                   batch_size=batch_size, max_pixels=max_pixels, cpus=CPUS_PER_ACTOR),
+        num_cpus=CPUS_PER_ACTOR, num_gpus=1 if gpus else 0)
+    # Ray Data's actor pool restarts a dead actor and retries its tasks (max_restarts and
+    # max_task_retries -1 by default since Ray 2.x; passing them is deprecated in 2.60).
+
+
+def _failure(ray, exc: BaseException) -> BaseException:
+    """What the driver raises for a failed Ray run: an OSError of a worker's process as an
+    OSError (sync stops and says where), the error of our own code as it is, else ClusterError."""
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else None
+    if isinstance(cause, OSError) and cause.errno in PROCESS_ERRNOS:
+        return OSError(cause.errno, cause.strerror, cause.filename)
+    if cause is not None and not isinstance(cause, ray.exceptions.RayError):
+        return cause
+    return ClusterError(f"the Ray run failed: {_first_line(exc)}; the images committed so far "
+                        "are kept, run again to finish")
+
+
+def embed_files(paths: Sequence[str], recipe, *, weights=None, batch_size: int = 32,
+                max_pixels: int) -> Iterator[list[Result]]:
+    """Yield lists of Results (``index``: position in ``paths``), in any order, until every
+    path has exactly one; a file that fails has a Result with the reason, as locally."""
+    if not paths:
+        return
+    ray = _ray()
+    _quiet_ray_data()
+    began = time.perf_counter()
+    ds = _dataset(ray, paths, recipe, weights, batch_size, max_pixels)
+    seen = np.zeros(len(paths), dtype=bool)
+    first, in_first = None, 0
+    try:
+        # Streamed: Ray Data's executor stops feeding actors while results wait here.
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            if batch["load_s"].max(initial=0.0) > 0:  # an actor's first batch
+                log.info("a Ray actor loaded the model in %.1f s", batch["load_s"].max())
+            # A retried task could deliver a batch twice: every path gets one Result.
+            results = [r for r in _results(batch) if not seen[r.index]]
+            seen[[r.index for r in results]] = True
+            if first is None:
+                first, in_first = time.perf_counter(), len(results)
+                log.info("first results from Ray after %.1f s", first - began)
+            if results:
+                yield results
+    except ray.exceptions.RayError as exc:
+        raise _failure(ray, exc) from None
+    if not seen.all():
+        raise ClusterError(f"Ray returned no result for {int((~seen).sum())} of {len(paths)} files; "
+                           "run again to embed them")
+    done = time.perf_counter()
+    rate = (f", {(len(paths) - in_first) / (done - first):.1f} files/s after the first results"
+            if len(paths) > in_first and done > first else "")
+    log.info("embedded %d files on Ray in %.1f s%s", len(paths), done - began, rate)
