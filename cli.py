@@ -8,7 +8,8 @@ import sys
 
 import click
 
-DB_HELP = "Database file [default: $LOOKALIKE_DB or the user data dir's lookalike/lookalike.db]."
+DB_HELP = ("Database: a file, or postgresql://USER@HOST/NAME "
+           "[default: $LOOKALIKE_DB or the user data dir's lookalike/lookalike.db].")
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -123,6 +124,15 @@ def _size(ctx, param, text: str | None) -> int | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _shard(ctx, param, text: str | None) -> tuple[int, int] | None:
+    from indexer.scan import parse_shard
+
+    try:
+        return None if text is None else parse_shard(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _box(ctx, param, text: str | None):
     if text is None:
         return None
@@ -228,9 +238,12 @@ def query_options(f):
 @click.option("--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Embed on a Ray cluster (pip install 'lookalike[ray]'): at ADDRESS, or alone "
                    "$RAY_ADDRESS or a local one. The files must be readable by every worker.")
+@click.option("--shard", callback=_shard, metavar="I/N",
+              help="Only shard I of N of the files (by a hash of each path): N runs, from any "
+                   "scheduler, into one PostgreSQL database or N files to import.")
 def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, whiten,
           local_features, keypoints, batch_size, workers, device, hidden, retry_failed,
-          index_choice, memory, ray) -> None:
+          index_choice, memory, ray, shard) -> None:
     """Index the images under ROOT... (again: only what changed)."""
     from indexer import Indexer
     from indexer.scan import display_path
@@ -241,7 +254,7 @@ def index(roots, db, model, weights, layer, pooling, gem_p, image_size, scales, 
                           local_features=local_features, keypoints=keypoints,
                           device=device, batch_size=batch_size, workers=workers,
                           include_hidden=hidden, retry_failed=retry_failed,
-                          index=index_choice, memory=memory, ray=ray)
+                          index=index_choice, memory=memory, ray=ray, shard=shard)
         bar = None
 
         def progress(done: int, total: int) -> None:

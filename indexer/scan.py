@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -191,3 +192,23 @@ def scan(
                                 target)
                     unlisted.add(e.path)
             stack.extend(reversed(subdirs))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" as (I, N), 0 <= I < N; ValueError otherwise."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a shard I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard {text}: I must be 0 to N-1")
+    return i, n
+
+
+def in_shard(path: str, shard: tuple[int, int] | None) -> bool:
+    """Whether ``path`` is in shard (I, N) (None: every path is): a hash of the path, the
+    same on every machine and run, so N processes given the same roots split them."""
+    if shard is None:
+        return True
+    i, n = shard
+    return zlib.crc32(path.encode("utf-8", "surrogateescape")) % n == i

@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from . import vectors
 from .decode import DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
 from .recipe import Recipe
-from .scan import FileStat, display_path, file_sha256, resolve_root, scan
+from .scan import FileStat, display_path, file_sha256, in_shard, resolve_root, scan
 from .store import (
     FAILED,
     OK,
@@ -118,11 +118,13 @@ class Indexer(Tuning):
                  max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False,
                  scales: Sequence[float] | None = None, whiten: str | None = "auto",
                  local_features: str | None = None, keypoints: int | None = None,
-                 index: str | None = None, memory: int | None = None, ray: str | None = None):
+                 index: str | None = None, memory: int | None = None, ray: str | None = None,
+                 shard: tuple[int, int] | None = None):
         """``index``: the vector index, "auto" (by size and ``memory``, bytes of RAM for
         it), "exact" or a FAISS factory key with IVF; None keeps the database's choice.
         ``ray``: embed on a Ray cluster (indexer.cluster) at this address, "auto" for
-        $RAY_ADDRESS or a local one; None embeds in this process."""
+        $RAY_ADDRESS or a local one; None embeds in this process. ``shard`` (I, N): only
+        the files of shard I of N (scan.in_shard), for N runs at once from any scheduler."""
         self.db = resolve_db(db)
         self.options = dict(model=model, layer=layer, pooling=pooling, gem_p=gem_p,
                             image_size=image_size, scales=tuple(scales) if scales else None,
@@ -145,6 +147,9 @@ class Indexer(Tuning):
         self.max_pixels = max_pixels
         self.retry_failed = retry_failed
         self.ray = ray
+        if shard is not None and not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard {shard[0]}/{shard[1]}: I must be 0 to N-1")
+        self.shard = shard
 
     # -- recipe -----------------------------------------------------------
     def _recipe(self, store: Store) -> Recipe:
@@ -329,8 +334,8 @@ class Indexer(Tuning):
             vectors.set_choice(store, self.index_choice, self.memory, recipe.dim)
         summary = Summary()
         unlisted: set[str] = set()
-        files = {f.path: f for f in scan(roots, include_hidden=self.include_hidden,
-                                         unlisted=unlisted)}
+        files = {f.path: f for f in scan(roots, include_hidden=self.include_hidden, unlisted=unlisted)
+                 if in_shard(f.path, self.shard)}
         with store.session() as s:
             rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
                                     ImageRow.sha256, ImageRow.status, ImageRow.error)).all()
@@ -338,7 +343,7 @@ class Indexer(Tuning):
         # Swept: entries under the roots whose files are gone, but not those the scan
         # could not see (an unreadable folder, a hidden path when hidden ones are skipped).
         missing = {r.path: r for r in rows
-                   if _under(r.path, roots) and r.path not in files
+                   if _under(r.path, roots) and r.path not in files and in_shard(r.path, self.shard)
                    and not _under(r.path, list(unlisted))
                    and (self.include_hidden or not _hidden_below(r.path, roots))}
         candidates: list[FileStat] = []
