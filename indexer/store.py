@@ -689,8 +689,12 @@ class Store:
         return out
 
     @staticmethod
-    def set_local(session: Session, image_id: int, data: bytes | None) -> None:
-        """Store (or with None, drop) the local features of ``image_id`` in ``session``'s transaction."""
+    def set_local(session: Session, image_id: int, data: bytes | None, new: bool = False) -> None:
+        """Store (or with None, drop) the local features of ``image_id`` in ``session``'s
+        transaction; ``new``: the image's row was just added (nothing to look up)."""
+        if new and data is not None:
+            session.add(LocalRow(image_id=image_id, data=data))
+            return
         row = session.get(LocalRow, image_id)
         if data is None:
             if row is not None:

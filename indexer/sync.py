@@ -478,9 +478,6 @@ class Indexer(Tuning):
         return hashes, unreadable
 
     def _upsert(self, s, row, f: FileStat, sha, status, error, embedding, width, height) -> ImageRow:
-        if row is None and s.get_bind().dialect.name == "postgresql":
-            # Another machine's run over the same folder may have added it since the scan.
-            row = s.execute(select(ImageRow.id).where(ImageRow.path == f.path)).first()
         if row is None:
             db_row = ImageRow(path=f.path)
             s.add(db_row)
@@ -522,39 +519,55 @@ class Indexer(Tuning):
             batches = embed_files(paths, encoder, recipe=recipe, batch_size=self.batch_size,
                                   workers=min(self.workers, len(files)), max_pixels=self.max_pixels)
         for results in batches:
-            with store.session(write=True) as s:
-                new_ids, new_vecs, replaced = [], [], []
-                for r in results:
-                    f = files[r.index]
-                    row = by_path.get(f.path)
-                    if r.vector is None:
-                        log.info("%s: %s", display_path(f.path), r.error)
-                        summary.failures.append((f.path, r.error))
-                        summary.failed += 1
-                        # Bytes that could not be opened say nothing about their content:
-                        # keep no hash, so the row is never the source of a move.
-                        sha = None if _access_failure(r.error) else hashes[f.path]
-                        self._fail(s, row, f, sha, r.error, index)
-                        continue
-                    blob = pack_vector(r.vector)
-                    vec = unpack_vector(blob, recipe.dim)  # the index holds what the database does
-                    db_row = self._upsert(s, row, f, hashes[f.path], OK, None, blob, r.width, r.height)
-                    s.flush()
-                    if recipe.has_local:  # in the row's transaction: both or neither
-                        store.set_local(s, db_row.id, r.local)
-                    if row is not None:
-                        replaced.append(db_row.id)
-                        summary.updated += 1
-                    else:
-                        summary.added += 1
-                    new_ids.append(db_row.id)
-                    new_vecs.append(vec)
-                    summary.embedded += 1
-                generation = self._commit(store, s)
-            index.remove(replaced)
-            if new_ids:
-                index.add(new_ids, np.stack(new_vecs))
+            generation = self._write_batch(store, recipe, results, files, by_path, hashes, index, summary)
             done += len(results)
             if progress:
                 progress(done, len(files))
         return generation
+
+    def _write_batch(self, store: Store, recipe: Recipe, results, files: list[FileStat], by_path, hashes,
+                     index, summary: Summary) -> int:
+        """Commit one batch of embedded files (rows, local features, the generation) in one
+        transaction, then change the vector index to match; the generation now."""
+        with store.session(write=True) as s:
+            if store.is_server:  # another machine's run over the same folder may have added some
+                by_path = {**self._rows_at(s, [files[r.index].path for r in results]), **by_path}
+            written, new_ids, new_vecs, replaced = [], [], [], []
+            for r in results:
+                f = files[r.index]
+                row = by_path.get(f.path)
+                if r.vector is None:
+                    log.info("%s: %s", display_path(f.path), r.error)
+                    summary.failures.append((f.path, r.error))
+                    summary.failed += 1
+                    # Bytes that could not be opened say nothing about their content:
+                    # keep no hash, so the row is never the source of a move.
+                    sha = None if _access_failure(r.error) else hashes[f.path]
+                    self._fail(s, row, f, sha, r.error, index)
+                    continue
+                blob = pack_vector(r.vector)
+                db_row = self._upsert(s, row, f, hashes[f.path], OK, None, blob, r.width, r.height)
+                written.append((db_row, row, r.local))
+                new_vecs.append(unpack_vector(blob, recipe.dim))  # the index holds what the database does
+            s.flush()  # one round of inserts for the batch: the new rows' ids
+            for db_row, row, local in written:
+                if recipe.has_local:  # in the row's transaction: both or neither
+                    store.set_local(s, db_row.id, local, new=row is None)
+                if row is not None:
+                    replaced.append(db_row.id)
+                    summary.updated += 1
+                else:
+                    summary.added += 1
+                new_ids.append(db_row.id)
+            summary.embedded += len(written)
+            generation = self._commit(store, s)
+        index.remove(replaced)
+        if new_ids:
+            index.add(new_ids, np.stack(new_vecs))
+        return generation
+
+    @staticmethod
+    def _rows_at(s, paths: list[str]) -> dict:
+        """The rows (id, status) at ``paths`` now, by path."""
+        return {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.status)
+                                             .where(ImageRow.path.in_(paths)))}
