@@ -475,7 +475,16 @@ class Store:
         url = self.where
         label = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{url.database}@{url.host or 'local'}-{url.port or 5432}")
         folder = cache_dir() / "databases"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            # A cache that cannot be written must not stop a query (nor a run): as for the
+            # model cache, this process keeps the FAISS file in a temporary folder of its own.
+            log.warning("cannot write the cache in %s (%s); keeping the vector index of %s in a "
+                        "temporary folder", folder, exc.strerror or exc, self.name)
+            folder = _temporary_cache()
         return folder / f"{label}-{ident[:12]}"
 
     def close(self) -> None:
@@ -716,6 +725,22 @@ class Store:
             return [tuple(r) for r in s.execute(
                 select(ImageRow.path, ImageRow.error).where(ImageRow.status == FAILED)
                 .order_by(ImageRow.path)).all()]
+
+
+_TEMPORARY_CACHE: Path | None = None
+
+
+def _temporary_cache() -> Path:
+    """A folder of this process's own for the files of server databases, removed at exit."""
+    global _TEMPORARY_CACHE
+    if _TEMPORARY_CACHE is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _TEMPORARY_CACHE = Path(tempfile.mkdtemp(prefix="lookalike-databases-"))
+        atexit.register(shutil.rmtree, _TEMPORARY_CACHE, True)
+    return _TEMPORARY_CACHE
 
 
 def _take_commits_lock(_session, _transaction, connection) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -12,11 +11,17 @@ from pathlib import Path
 import pytest
 
 import indexer.encoder
-from conftest import index_agrees_with_db, save_photo
-from indexer import Indexer, vectors
+from conftest import faiss_file, index_agrees_with_db, save_photo, sql
+from indexer import Indexer
 from search import Searcher
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def db(any_db):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return any_db
 
 
 def index(db, *roots, **kw):
@@ -29,7 +34,7 @@ def counts(s):
     return (s.added, s.updated, s.moved, s.removed, s.unchanged, s.failed)
 
 
-def faiss_agrees_with_db(db: Path) -> None:
+def faiss_agrees_with_db(db) -> None:
     """The FAISS file on disk holds exactly the database's descriptors, under their ids."""
     index_agrees_with_db(db)
 
@@ -156,7 +161,7 @@ def test_rows_outside_the_roots_are_kept(photos, db, tmp_path):
 
 def test_faiss_file_is_rebuilt_when_it_disagrees(photos, db, caplog):
     index(db, photos)
-    faiss_path = vectors.index_path(db)
+    faiss_path = faiss_file(db)
     faiss_path.write_bytes(b"garbage")
     with Searcher(db) as s:
         assert len(s) == 6
@@ -173,40 +178,39 @@ def test_faiss_file_is_rebuilt_when_it_disagrees(photos, db, caplog):
     faiss_agrees_with_db(db)
 
 
-def test_kill_9_mid_run_loses_nothing(tmp_path):
+def test_kill_9_mid_run_loses_nothing(tmp_path, db):
     root = tmp_path / "many"
     n = 40
     for i in range(n):
         save_photo(root / f"{i:03}.png", seed=1000 + i, size=(200, 150))
-    db = tmp_path / "k.db"
     cmd = [sys.executable, "-c", "import cli; cli.main()", "index", str(root), "--db", str(db),
            "--workers", "0", "--batch-size", "1", "--image-size", "448"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def committed_so_far() -> int:
+        if isinstance(db, Path) and not db.exists():
+            return 0  # connecting would create the file under the run
+        try:
+            return sql(db, "select count(*) from images")[0][0]
+        except Exception:  # noqa: BLE001 - no schema yet, or a file being made
+            return 0
+
     deadline = time.time() + 120
-    done = 0
     while time.time() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                with sqlite3.connect(db, timeout=1) as con:
-                    done = con.execute("select count(*) from images").fetchone()[0]
-            except sqlite3.OperationalError:
-                done = 0
-            if done >= 3:
-                break
+        if committed_so_far() >= 3:
+            break
         time.sleep(0.02)
     if proc.poll() is not None:
         pytest.fail(f"index finished before it could be killed: {proc.stderr.read().decode()}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with sqlite3.connect(db) as con:
-        committed = con.execute("select count(*) from images").fetchone()[0]
+    committed = sql(db, "select count(*) from images")[0][0]
     assert 3 <= committed < n
 
     summary = Indexer(db, workers=0).index([root])
     assert summary.unchanged == committed
     assert summary.added == n - committed and summary.failed == 0
-    with sqlite3.connect(db) as con:
-        assert con.execute("select count(*), count(distinct path) from images").fetchone() == (n, n)
+    assert sql(db, "select count(*), count(distinct path) from images") == [(n, n)]
     faiss_agrees_with_db(db)
     with Searcher(db) as s:
         assert len(s) == n

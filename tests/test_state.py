@@ -14,20 +14,27 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import index_agrees_with_db, run_unprivileged, save_photo
+from conftest import faiss_file, index_agrees_with_db, run_unprivileged, save_photo
 from indexer import Indexer, vectors
-from indexer.store import Store, writer_lock
+from indexer.store import Store, describe, resolve_db, writer_lock
 from search import Searcher
 
 REPO = Path(__file__).resolve().parents[1]
 LOOKALIKE = [sys.executable, "-c", "import cli; cli.main()"]
 
 
+@pytest.fixture
+def db(any_db):
+    """The tests here that take ``db`` run on SQLite and on PostgreSQL; those about the files
+    beside a SQLite database (folders, permissions, the lock file) make their own."""
+    return any_db
+
+
 def run(*args, input=None):
     return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
-def index(db: Path, *roots: Path) -> None:
+def index(db, *roots: Path) -> None:
     Indexer(db, workers=0).index(roots)
 
 
@@ -60,7 +67,8 @@ def test_a_database_in_a_read_only_folder_is_queried_read_only(photos, tmp_path)
         folder.chmod(0o755)
 
 
-def test_files_written_beside_the_database_are_readable_by_others(photos, db):
+def test_files_written_beside_the_database_are_readable_by_others(photos, tmp_path):
+    db = tmp_path / "index.db"
     # The database follows the umask; the FAISS file must too, or other users rebuild it.
     old = os.umask(0o022)
     try:
@@ -73,7 +81,7 @@ def test_files_written_beside_the_database_are_readable_by_others(photos, db):
 
 def test_a_truncated_faiss_file_is_rebuilt(photos, db, caplog):
     index(db, photos)
-    path = vectors.index_path(db)
+    path = faiss_file(db)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with Searcher(db) as s:
@@ -83,7 +91,9 @@ def test_a_truncated_faiss_file_is_rebuilt(photos, db, caplog):
     assert len(index_agrees_with_db(db)) == 6
 
 
-def test_a_waiting_index_run_names_the_run_holding_the_lock(photos, db):
+def test_a_waiting_index_run_names_the_run_holding_the_lock(photos, tmp_path):
+    # The lock file of a SQLite database; on a server, index runs share the advisory lock.
+    db = tmp_path / "index.db"
     index(db, photos)
     save_photo(photos / "new.jpg", seed=40)
     outcome = {}
@@ -105,11 +115,10 @@ def test_a_waiting_index_run_names_the_run_holding_the_lock(photos, db):
     assert db.with_name(db.name + ".lock").read_text() == ""
 
 
-def test_queries_during_an_index_run_see_committed_states(tmp_path):
+def test_queries_during_an_index_run_see_committed_states(tmp_path, db):
     photos = tmp_path / "photos"
     for i in range(4):
         save_photo(photos / f"p{i:02d}.jpg", seed=500 + i)
-    db = tmp_path / "index.db"
     index(db, photos)
     for i in range(4, 24):
         save_photo(photos / f"p{i:02d}.jpg", seed=500 + i)
@@ -158,11 +167,10 @@ def test_a_held_searcher_sees_a_finished_run_without_being_asked(photos, db):
         assert len(held) == 6 and held.refresh() is False
 
 
-def test_a_damaged_or_unwritable_model_cache_does_not_stop_a_run(photos, tmp_path, monkeypatch, caplog):
+def test_a_damaged_or_unwritable_model_cache_does_not_stop_a_run(photos, tmp_path, monkeypatch, caplog, db):
     from indexer.encoder import Encoder, cache_dir
     from indexer.store import Store
 
-    db = tmp_path / "index.db"
     index(db, photos)
     recipe = Store(db).recipe()
     with Searcher(db) as s:
@@ -198,6 +206,7 @@ def test_too_many_open_files_is_one_error_and_keeps_the_index(photos, db):
     # first, so a sweep of limits crosses every stage: start-up, the decoding
     # workers, passing images back. Each ends in one line or a finished run,
     # never a hang (torch's shared-memory fd passing once hung here).
+    name = describe(resolve_db(db))  # as errors name it: a URL without its password
     outcomes = set()
     for limit in range(12, 33, 3):
         def few_files(limit=limit):
@@ -213,7 +222,7 @@ def test_too_many_open_files_is_one_error_and_keeps_the_index(photos, db):
         outcomes.add(proc.returncode)
         if proc.returncode == 1:
             last = proc.stderr.strip().splitlines()[-1]
-            assert last.startswith(f"Error: {db}: ") and "Too many open files" in last, (limit, proc.stderr)
+            assert last.startswith(f"Error: {name}: ") and "Too many open files" in last, (limit, proc.stderr)
             assert last.endswith("the images committed so far are kept, run again to finish"), proc.stderr
             with Searcher(db) as s:  # nothing indexed before is lost
                 assert len(s) >= 6

@@ -3,8 +3,6 @@ database, filters by folder, and float16 descriptors (migrated from float32)."""
 from __future__ import annotations
 
 import json
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import index_agrees_with_db, save_photo, vector_index_of
+from conftest import index_agrees_with_db, save_photo, sql, vector_index_of
 from indexer import Indexer, vectors
 from indexer.store import Store
 from search import Searcher
@@ -21,6 +19,12 @@ SIZE = 128
 # A tiny IVF of the kind auto chooses: 2 lists, 32 codes of 4 bits (fast scan); trains on
 # 16 images or more.
 TINY_IVF = "IVF2,PQ32x4fs"
+
+
+@pytest.fixture
+def db(any_db):
+    """Every test here that takes ``db`` runs on SQLite and on PostgreSQL."""
+    return any_db
 
 
 def index(db, *roots, **kw):
@@ -171,23 +175,22 @@ def test_under_works_on_a_compressed_index_too(library, db, monkeypatch, small_f
 
 def test_descriptors_are_stored_as_float16_and_float32_databases_are_migrated(library, db):
     index(db, library)
-    with closing(sqlite3.connect(db)) as con:
-        assert {len(b) for (b,) in con.execute("select embedding from images")} == {2 * 1280}
-        assert con.execute("pragma page_size").fetchone()[0] == 8192  # three rows a page
+    assert {len(b) for (b,) in sql(db, "select embedding from images")} == {2 * 1280}
+    if isinstance(db, Path):
+        assert sql(db, "pragma page_size") == [(8192,)]  # three rows a page
     query = library / "f1" / "p04.jpg"
     with Searcher(db) as s:
         before = [(m.path, m.score) for m in s.search(query, k=6)]
     # What lookalike wrote before: float32 rows at schema 0003.
-    with closing(sqlite3.connect(db)) as con, con:
-        for i, blob in con.execute("select id, embedding from images").fetchall():
-            con.execute("update images set embedding = ? where id = ?",
-                        (np.frombuffer(blob, "<f2").astype("<f4").tobytes(), i))
-        con.execute("drop index ix_images_status")
-        con.execute("update alembic_version set version_num = '0003'")
+    for i, blob in sql(db, "select id, embedding from images"):
+        sql(db, "update images set embedding = :blob where id = :id",
+            blob=np.frombuffer(blob, "<f2").astype("<f4").tobytes(), id=i)
+    assert {len(b) for (b,) in sql(db, "select embedding from images")} == {4 * 1280}
+    sql(db, "drop index ix_images_status")
+    sql(db, "update alembic_version set version_num = '0003'")
     Store(db).close()
-    with closing(sqlite3.connect(db)) as con:
-        assert {len(b) for (b,) in con.execute("select embedding from images")} == {2 * 1280}
-        assert con.execute("select version_num from alembic_version").fetchone()[0] == "0004"
+    assert {len(b) for (b,) in sql(db, "select embedding from images")} == {2 * 1280}
+    assert sql(db, "select version_num from alembic_version") == [("0004",)]
     with Searcher(db) as s:
         after = [(m.path, m.score) for m in s.search(query, k=6)]
     assert [p for p, _ in after] == [p for p, _ in before]
