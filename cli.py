@@ -17,9 +17,9 @@ def _fail(exc: Exception) -> click.ClickException:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from indexer import BackboneError, RecipeMismatch, RootNotFound, StoreError
+    from indexer import BackboneError, ClusterError, RecipeMismatch, RootNotFound, StoreError
 
-    return (BackboneError, RecipeMismatch, RootNotFound, StoreError, ValueError)
+    return (BackboneError, ClusterError, RecipeMismatch, RootNotFound, StoreError, ValueError)
 
 
 class _EchoHandler(logging.Handler):

@@ -6,6 +6,7 @@
 """
 from .backbone import BackboneError
 from .check import Report, check
+from .cluster import ClusterError
 from .decode import DecodeError
 from .recipe import Recipe, RecipeMismatch
 from .scan import RootNotFound
@@ -13,4 +14,4 @@ from .store import StoreError
 from .sync import Indexer, Summary
 
 __all__ = ["Indexer", "Summary", "check", "Report", "Recipe", "RecipeMismatch", "DecodeError", "BackboneError",
-           "RootNotFound", "StoreError"]
+           "RootNotFound", "StoreError", "ClusterError"]

@@ -14,12 +14,14 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .decode import PROCESS_ERRNOS
+from .decode import DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
 from .pipeline import Result
 from .scan import display_path
 
@@ -29,12 +31,19 @@ RAY_EXTRA = "the Ray engine needs the ray extra: pip install 'lookalike[ray]'"
 # An actor decodes, then embeds, in one thread: with more CPUs than one it would
 # leave the others idle while it decodes. So one CPU, one model, per actor.
 CPUS_PER_ACTOR = 1
-# Tasks queued on an actor beyond the one it runs: its next block is fetched while
-# it works, and a killed actor has no more than this to redo.
-TASKS_PER_ACTOR = 2
+# Tasks given to an actor at once. One: a block is a few paths, fetched in a moment, while
+# a second one queued on the first actor ready would leave another idle in a small run;
+# and a killed actor has only its own batch to redo.
+TASKS_PER_ACTOR = 1
+# Tries of a batch whose actor dies under it, after the first (Ray Data's default is no
+# end): a file that kills its process every time (memory, a decoder's crash) must stop
+# the run, as it does a local one, rather than restart actors for ever.
+TASK_RETRIES = 3
 # Putting a block in the object store costs the driver about a millisecond and a
 # half, so a large run gets fewer, larger blocks (1M files: 2000 blocks, 10 s).
 MAX_BLOCKS = 2000
+# How long the cluster's address may take to accept a connection.
+CONNECT_TIMEOUT_S = 10.0
 # How long a node may take to answer check_roots.
 PROBE_TIMEOUT_S = 120.0
 
@@ -58,6 +67,19 @@ def _ray():
     return ray
 
 
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at ``address`` (host:port, or ray://host:port), or None; other
+    forms of address are left to ray.init."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return exc.strerror or _first_line(exc)
+    return None
+
+
 def start(address: str) -> None:
     """Connect to the Ray cluster at ``address`` ("auto": $RAY_ADDRESS, else a new local
     instance), unless this process already is; ClusterError when that fails."""
@@ -66,14 +88,20 @@ def start(address: str) -> None:
         return
     auto = address == "auto"
     where = os.environ.get("RAY_ADDRESS") if auto else address
+    # ray.init retries an address where nothing listens for minutes: ask first.
+    reason = _unreachable(where) if where else None
     began = time.perf_counter()
     try:
-        # Worker output stays in the session's log files: the driver reports what matters.
-        ray.init(address=None if auto else address, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
+        if reason is None:
+            # Worker output stays in the session's log files: the driver reports what matters.
+            ray.init(address=None if auto else address, include_dashboard=False,
+                     log_to_driver=False,
+                     logging_level=logging.WARNING if log.isEnabledFor(logging.INFO) else logging.ERROR)
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the cluster's
+        reason = _first_line(exc)
+    if reason is not None:
         what = f"connect to the Ray cluster at {where}" if where else "start a local Ray instance"
-        raise ClusterError(f"cannot {what}: {_first_line(exc)}") from None
+        raise ClusterError(f"cannot {what}: {reason}")
     log.info("Ray %s in %.1f s", f"connected to {where}" if where else "started locally",
              time.perf_counter() - began)
 
@@ -102,7 +130,8 @@ def check_roots(roots: list[str]) -> None:
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # The nodes that can hold an actor: a head node kept free of work needs no access.
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     # No CPU asked for: the check must run even on a cluster busy with other work.
     probe = ray.remote(num_cpus=0, max_retries=1)(_probe)
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
@@ -126,13 +155,27 @@ def check_roots(roots: list[str]) -> None:
 @contextlib.contextmanager
 def _cpu_count(n: int):
     """os.cpu_count() says ``n`` inside: Encoder sizes ONNX Runtime's thread pool by it, and an
-    actor owns ``n`` CPUs of its node, not all of them (see the report on Encoder threads)."""
+    actor owns ``n`` CPUs of its node, not all of them. (Until Encoder takes a thread count.)"""
     real = os.cpu_count
     os.cpu_count = lambda: n
     try:
         yield
     finally:
         os.cpu_count = real
+
+
+class _ProcessError(Exception):
+    """An OSError of an actor's process (EMFILE, ...), on its way to the driver: ``info`` is
+    (errno, strerror, filename), kept in an attribute since Ray Data appends its own text
+    to the arguments of an exception raised in a map function."""
+
+    info: tuple[int, str, str | None] = (0, "", None)
+
+    @classmethod
+    def of(cls, exc: OSError) -> "_ProcessError":
+        new = cls(exc.strerror)
+        new.info = (exc.errno, exc.strerror, exc.filename)
+        return new
 
 
 class _Embedder:
@@ -144,12 +187,12 @@ class _Embedder:
 
     def __init__(self, recipe_json: str, weights: str | None, batch_size: int, max_pixels: int,
                  cpus: int):
+        began = time.perf_counter()  # with the imports: torch and ONNX Runtime take seconds
         import ray
 
         from .encoder import Encoder
         from .recipe import Recipe
 
-        began = time.perf_counter()
         self.recipe = Recipe.from_json(recipe_json)
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.encoder, self.failure = None, None
@@ -161,6 +204,7 @@ class _Embedder:
         except Exception as exc:  # noqa: BLE001 - raised again by __call__
             self.failure = exc
         self.load_s = time.perf_counter() - began
+        self.ready_at = time.time()  # wall clock: the driver compares it with its own
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .pipeline import embed_files
@@ -169,15 +213,22 @@ class _Embedder:
             raise self.failure
         index = batch["index"]
         paths = [str(p) for p in batch["path"]]
-        # workers=0: decoded in this actor; an OSError of the process (EMFILE) goes up as it is.
-        results = [r for rs in embed_files(paths, self.encoder, recipe=self.recipe,
-                                           batch_size=self.batch_size, workers=0,
-                                           max_pixels=self.max_pixels) for r in rs]
-        load_s, self.load_s = self.load_s, 0.0  # reported once per actor
-        return _columns(results, index, load_s)
+        # workers=0: decoded in this actor, one file after another, with its one CPU.
+        try:
+            results = [r for rs in embed_files(paths, self.encoder, recipe=self.recipe,
+                                               batch_size=self.batch_size, workers=0,
+                                               max_pixels=self.max_pixels) for r in rs]
+        except OSError as exc:
+            if exc.errno in PROCESS_ERRNOS:  # the process's, not a file's: it stops the run
+                raise _ProcessError.of(exc) from None
+            raise
+        ready = (self.load_s, self.ready_at)
+        self.load_s, self.ready_at = 0.0, 0.0  # reported once per actor
+        return _columns(results, index, *ready)
 
 
-def _columns(results: list[Result], index: np.ndarray, load_s: float) -> dict[str, np.ndarray]:
+def _columns(results: list[Result], index: np.ndarray, load_s: float,
+             ready_at: float) -> dict[str, np.ndarray]:
     """Results as columns without nulls (b"" and "" stand for None): a column of nulls
     alone in a block would get another Arrow type than the same column elsewhere."""
     def objects(values) -> np.ndarray:
@@ -194,6 +245,7 @@ def _columns(results: list[Result], index: np.ndarray, load_s: float) -> dict[st
         "error": objects(r.error or "" for r in results),
         "local": objects(r.local or b"" for r in results),
         "load_s": np.full(len(results), load_s, dtype=np.float64),
+        "ready_at": np.full(len(results), ready_at, dtype=np.float64),
     }
 
 
@@ -230,53 +282,70 @@ def _dataset(ray, paths: Sequence[str], recipe, weights, batch_size: int, max_pi
     ctx.raise_original_map_exception = True  # an OSError arrives as one, errno and all
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    blocks = min(math.ceil(len(paths) / batch_size), MAX_BLOCKS)
-    actors = max(1, min(gpus or int(resources.get("CPU", 1)) // CPUS_PER_ACTOR, blocks))
+    slots = max(1, gpus or int(resources.get("CPU", 1)) // CPUS_PER_ACTOR)
+    # A batch per block, but at least a block per actor the cluster holds, so that a
+    # small run is shared too (no padding: smaller batches give the same descriptors).
+    blocks = min(max(math.ceil(len(paths) / batch_size), min(len(paths), slots)), MAX_BLOCKS)
+    actors = min(slots, blocks)
     log.info("embedding %d files on Ray: %d actors (%s), %d blocks", len(paths), actors,
              "1 GPU each" if gpus else f"{CPUS_PER_ACTOR} CPU each", blocks)
     items = [{"index": i, "path": p} for i, p in enumerate(paths)]
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _Embedder, batch_size=batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
-        fn_constructor_kwargs=dict(recipe_json=recipe.to_json(),
-                                   weights=None if weights is None else os.fspath(weights),
-                                   batch_size=batch_size, max_pixels=max_pixels, cpus=CPUS_PER_ACTOR),
-        num_cpus=CPUS_PER_ACTOR, num_gpus=1 if gpus else 0)
-    # Ray Data's actor pool restarts a dead actor and retries its tasks (max_restarts and
-    # max_task_retries -1 by default since Ray 2.x; passing them is deprecated in 2.60).
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates remote arguments here, yet has no other way to bound retries.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # A dead actor is restarted (max_restarts -1, Ray Data's default) and its batch retried.
+        return ds.map_batches(
+            _Embedder, batch_size=batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
+            fn_constructor_kwargs=dict(recipe_json=recipe.to_json(),
+                                       weights=None if weights is None else os.fspath(weights),
+                                       batch_size=batch_size, max_pixels=max_pixels, cpus=CPUS_PER_ACTOR),
+            num_cpus=CPUS_PER_ACTOR, num_gpus=1 if gpus else 0,
+            max_restarts=-1, max_task_retries=TASK_RETRIES)
 
 
 def _failure(ray, exc: BaseException) -> BaseException:
     """What the driver raises for a failed Ray run: an OSError of a worker's process as an
-    OSError (sync stops and says where), the error of our own code as it is, else ClusterError."""
+    OSError (sync stops and says where), an error of our code as itself, else ClusterError."""
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else None
-    if isinstance(cause, OSError) and cause.errno in PROCESS_ERRNOS:
-        return OSError(cause.errno, cause.strerror, cause.filename)
+    if isinstance(cause, _ProcessError):
+        return OSError(*cause.info)
     if cause is not None and not isinstance(cause, ray.exceptions.RayError):
+        if cause.args and isinstance(cause.args[0], str):  # without the lines Ray Data added
+            cause.args = (cause.args[0].splitlines()[0],) + cause.args[1:]
         return cause
+    if isinstance(exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
+        return ClusterError(f"a Ray worker kept dying on the same batch of files (out of memory, "
+                            f"or a crash while decoding): {_first_line(exc)}; the images committed "
+                            "so far are kept")
     return ClusterError(f"the Ray run failed: {_first_line(exc)}; the images committed so far "
                         "are kept, run again to finish")
 
 
 def embed_files(paths: Sequence[str], recipe, *, weights=None, batch_size: int = 32,
-                max_pixels: int) -> Iterator[list[Result]]:
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[list[Result]]:
     """Yield lists of Results (``index``: position in ``paths``), in any order, until every
     path has exactly one; a file that fails has a Result with the reason, as locally."""
     if not paths:
         return
     ray = _ray()
     _quiet_ray_data()
-    began = time.perf_counter()
+    began, began_at = time.perf_counter(), time.time()
     ds = _dataset(ray, paths, recipe, weights, batch_size, max_pixels)
     seen = np.zeros(len(paths), dtype=bool)
     first, in_first = None, 0
     try:
-        # Streamed: Ray Data's executor stops feeding actors while results wait here.
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        # Streamed: Ray Data's executor stops feeding actors while results wait here. No
+        # prefetch: with it, each batch waited here for the next one to be ready.
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             if batch["load_s"].max(initial=0.0) > 0:  # an actor's first batch
-                log.info("a Ray actor loaded the model in %.1f s", batch["load_s"].max())
+                log.info("a Ray actor was ready %.1f s after the start (its model took %.1f s)",
+                         batch["ready_at"].max() - began_at, batch["load_s"].max())
             # A retried task could deliver a batch twice: every path gets one Result.
             results = [r for r in _results(batch) if not seen[r.index]]
+            if len(results) < len(batch["index"]):
+                log.debug("Ray delivered %d results twice", len(batch["index"]) - len(results))
             seen[[r.index for r in results]] = True
             if first is None:
                 first, in_first = time.perf_counter(), len(results)
