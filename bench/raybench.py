@@ -8,7 +8,9 @@ export is a one-time step cached on disk; a one-image run does it, untimed,
 first. From the Ray run's log (``-v``) come its stages: Ray's start; when each
 actor was ready after the embedding began (its process started, lookalike
 imported, the model loaded) and how much of that was the model; the first
-results; and the embedding rate after them.
+results; the embedding rate after them; and the two stages of the Ray run: how
+many decode tasks ran beside the embedding actors, and the time each stage spent
+per file (decode tasks: decoding and local features; actors: the model).
 Last, a check that both databases hold the same descriptors.
 
     python bench/raybench.py                         # 10 photos from /usr/share/backgrounds
@@ -40,7 +42,9 @@ ACTOR_RE = re.compile(r"a Ray actor was ready ([\d.]+) s after the start \(its m
 FIRST_RE = re.compile(r"first results from Ray after ([\d.]+) s")
 DONE_RE = re.compile(r"embedded \d+ files on Ray in ([\d.]+) s"
                      r"(?:, ([\d.]+) files/s after the first results)?")
-ACTORS_RE = re.compile(r"on Ray: (\d+) actors")
+ACTORS_RE = re.compile(r"on Ray: (\d+) actors(?: \([^)]*\), (\d+) decode tasks at once)?")
+STAGES_RE = re.compile(r"Ray stages: decode tasks [\d.]+ s \(([\d.]+) ms a file\), "
+                       r"embedding actors [\d.]+ s \(([\d.]+) ms a file\)")
 
 
 def say(text: str = "") -> None:
@@ -76,6 +80,8 @@ def ray_stages(log: str) -> dict:
     ready = [(float(a), float(b)) for a, b in ACTOR_RE.findall(log)]
     actors = ACTORS_RE.search(log)
     return {"ray_start_s": first(RAY_START_RE), "actors": int(actors.group(1)) if actors else None,
+            "decode_tasks": int(actors.group(2)) if actors and actors.group(2) else None,
+            "decode_ms_per_file": first(STAGES_RE), "embed_ms_per_file": first(STAGES_RE, 2),
             "actor_ready_s": [a for a, _ in ready], "model_load_s": [b for _, b in ready],
             "first_results_s": first(FIRST_RE),
             "embed_s": first(DONE_RE), "steady_files_per_s": first(DONE_RE, 2)}
@@ -109,15 +115,18 @@ def span(values) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | process s | index s | embedded | files/s | Ray start s | actors | "
-             "actors ready s | model load s | first results s | steady files/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | process s | index s | embedded | files/s | Ray start s | actors | decode tasks | "
+             "actors ready s | model load s | first results s | steady files/s | "
+             "decode ms/file | embed ms/file |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['wall_s']:.1f} | {r['seconds']:.1f} | {r['embedded']} | "
                      f"{r['embedded'] / r['wall_s']:.2f} | {fmt(r.get('ray_start_s'))} | "
-                     f"{fmt(r.get('actors'), 'd')} | {span(r.get('actor_ready_s'))} | "
+                     f"{fmt(r.get('actors'), 'd')} | {fmt(r.get('decode_tasks'), 'd')} | "
+                     f"{span(r.get('actor_ready_s'))} | "
                      f"{span(r.get('model_load_s'))} | {fmt(r.get('first_results_s'))} | "
-                     f"{fmt(r.get('steady_files_per_s'))} |")
+                     f"{fmt(r.get('steady_files_per_s'))} | {fmt(r.get('decode_ms_per_file'))} | "
+                     f"{fmt(r.get('embed_ms_per_file'))} |")
     return "\n".join(lines)
 
 

@@ -2,15 +2,17 @@
 
 The driver (sync.Indexer) keeps the database: it connects (``start``), checks that
 every node can read the roots (``check_roots``), then commits the Results that
-``embed_files`` yields batch by batch, as it does for a local run. Each actor
-decodes and embeds its batch with indexer.pipeline.embed_files, the code of a
-local run, so a descriptor does not depend on where it was made.
+``embed_files`` yields batch by batch, as it does for a local run. The run has
+two stages, Ray Data's shape for batch inference: CPU tasks decode the files
+(indexer.pipeline.decode_one, what a local run's decoding worker does), spread
+over every CPU of the cluster; a pool of actors, one model each (a GPU each where
+the cluster has them), embeds the decoded images with indexer.pipeline.embed_decoded,
+the code of a local run, so a descriptor does not depend on where it was made.
 
 Ray is imported inside the functions: ``import indexer.cluster`` works without it.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -18,26 +20,32 @@ import socket
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from .decode import DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
+from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
 from .pipeline import Result
 from .scan import display_path
 
 log = logging.getLogger(__name__)
 
 RAY_EXTRA = "the Ray engine needs the ray extra: pip install 'lookalike[ray]'"
-# An actor decodes, then embeds, in one thread: with more CPUs than one it would
-# leave the others idle while it decodes. So one CPU, one model, per actor.
+# CPUs of an embedding actor, its ONNX Runtime threads. One: more models, each with one
+# thread, use the CPUs better than a few models with several threads on small batches.
 CPUS_PER_ACTOR = 1
-# Tasks given to an actor at once. One: a block is a few paths, fetched in a moment, while
-# a second one queued on the first actor ready would leave another idle in a small run;
-# and a killed actor has only its own batch to redo.
+# On a cluster without GPUs, 1/EMBED_CPU_SHARE of its CPUs embeds and the decode tasks
+# get the rest (see _plan): a photo's decode and SIFT features cost about twice the
+# model's time on one CPU (bench/raybench.py, 1600 x 1200 JPEGs: 79 ms and 38 ms a file),
+# and a camera's larger JPEGs only decode longer.
+EMBED_CPU_SHARE = 3
+# Tasks given to an actor at once. One: a batch is decoded already, fetched in a moment,
+# while a second one queued on the first actor ready would leave another idle in a small
+# run; and a killed actor has only its own batch to redo.
 TASKS_PER_ACTOR = 1
-# Tries of a batch whose actor dies under it, after the first (Ray Data's default is no
-# end): a file that kills its process every time (memory, a decoder's crash) must stop
-# the run, as it does a local one, rather than restart actors for ever.
+# Tries of a batch whose actor or decode task dies under it, after the first (Ray Data's
+# default for actors is no end): a file that kills its process every time (memory, a
+# decoder's crash) must stop the run, as it does a local one, rather than restart for ever.
 TASK_RETRIES = 3
 # Putting a block in the object store costs the driver about a millisecond and a
 # half, so a large run gets fewer, larger blocks (1M files: 2000 blocks, 10 s).
@@ -152,20 +160,8 @@ def check_roots(roots: list[str]) -> None:
     log.debug("%d Ray nodes can read %d roots", len(nodes), len(roots))
 
 
-@contextlib.contextmanager
-def _cpu_count(n: int):
-    """os.cpu_count() says ``n`` inside: Encoder sizes ONNX Runtime's thread pool by it, and an
-    actor owns ``n`` CPUs of its node, not all of them. (Until Encoder takes a thread count.)"""
-    real = os.cpu_count
-    os.cpu_count = lambda: n
-    try:
-        yield
-    finally:
-        os.cpu_count = real
-
-
 class _ProcessError(Exception):
-    """An OSError of an actor's process (EMFILE, ...), on its way to the driver: ``info`` is
+    """An OSError of a worker's process (EMFILE, ...), on its way to the driver: ``info`` is
     (errno, strerror, filename), kept in an attribute since Ray Data appends its own text
     to the arguments of an exception raised in a map function."""
 
@@ -178,74 +174,125 @@ class _ProcessError(Exception):
         return new
 
 
+def _decode(batch: dict[str, np.ndarray], longest: int, max_pixels: int,
+            timeout: float | None, local: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    """A Ray Data task: decode a batch of paths as a local run's decoding worker does.
+
+    A task runs its function in the main thread of its worker process, so the decode
+    time limit (SIGALRM) applies here, unlike in an actor's threads. Pixels travel as
+    bytes with their shape, not as a tensor column: images of several shapes, and failed
+    files without any, would give blocks of different Arrow types (see _columns).
+    """
+    from .pipeline import _ProcessError as ProcessErrno, decode_one
+
+    began, rows = time.perf_counter(), []
+    for path in batch["path"]:
+        px, w, h, err, blob = decode_one(str(path), longest, max_pixels, timeout, local)
+        if isinstance(err, ProcessErrno):  # the process's, not a file's: it stops the run
+            raise _ProcessError.of(OSError(err.errno, err.strerror, err.path))
+        rows.append((px, w, h, err, blob))
+    shapes = [(0, 0, 3) if px is None else px.shape for px, *_ in rows]
+    return {
+        "index": np.asarray(batch["index"], dtype=np.int64),
+        "pixels": _objects(b"" if px is None else px.tobytes() for px, *_ in rows),
+        "shape": np.array(shapes, dtype=np.int64).reshape(-1, 3),
+        "width": np.array([w for _, w, *_ in rows], dtype=np.int64),
+        "height": np.array([h for _, _, h, *_ in rows], dtype=np.int64),
+        "error": _objects(err or "" for *_, err, _ in rows),
+        "local": _objects(blob or b"" for *_, blob in rows),
+        "decode_s": _first_only(time.perf_counter() - began, len(rows)),
+    }
+
+
+def _first_only(seconds: float, n: int) -> np.ndarray:
+    """A batch's time on its first row, 0 on the others: the driver sums the column."""
+    out = np.zeros(n, dtype=np.float64)
+    out[:1] = seconds
+    return out
+
+
+def _decoded(batch: dict[str, np.ndarray]) -> Iterator[tuple]:
+    """The rows of a _decode batch as pipeline.embed_decoded takes them (uint8 pixels,
+    as open_image gives them)."""
+    for i, px, shape, w, h, err, blob in zip(batch["index"], batch["pixels"], batch["shape"],
+                                             batch["width"], batch["height"], batch["error"],
+                                             batch["local"]):
+        pixels = np.frombuffer(px, dtype=np.uint8).reshape(shape) if not err else None
+        yield int(i), pixels, int(w), int(h), str(err) or None, bytes(blob) or None
+
+
 class _Embedder:
-    """A Ray Data actor: builds the model once, then embeds batches of paths as a local run does.
+    """A Ray Data actor: builds the model once, then embeds batches of decoded images as a
+    local run does.
 
     A failure to build the model is raised by the first call, not by the constructor:
     a constructor's error reaches the driver only as text, a call's as the exception.
     """
 
-    def __init__(self, recipe_json: str, weights: str | None, batch_size: int, max_pixels: int,
-                 cpus: int):
+    def __init__(self, recipe_json: str, weights: str | None, batch_size: int, threads: int):
         began = time.perf_counter()  # with the imports: torch and ONNX Runtime take seconds
         import ray
 
         from .encoder import Encoder
+        from .pipeline import _keep_freed_memory
         from .recipe import Recipe
 
-        self.recipe = Recipe.from_json(recipe_json)
-        self.batch_size, self.max_pixels = batch_size, max_pixels
+        _keep_freed_memory()
+        self.batch_size = batch_size
         self.encoder, self.failure = None, None
         # Ray hides the other GPUs from the actor: "cuda" is the one it was given.
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         try:
-            with _cpu_count(cpus):
-                self.encoder = Encoder(self.recipe, weights, device)
+            self.encoder = Encoder(Recipe.from_json(recipe_json), weights, device, threads=threads)
         except Exception as exc:  # noqa: BLE001 - raised again by __call__
             self.failure = exc
         self.load_s = time.perf_counter() - began
         self.ready_at = time.time()  # wall clock: the driver compares it with its own
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .pipeline import embed_files
+        from .pipeline import embed_decoded
 
         if self.failure is not None:
             raise self.failure
-        index = batch["index"]
-        paths = [str(p) for p in batch["path"]]
-        # workers=0: decoded in this actor, one file after another, with its one CPU.
+        began = time.perf_counter()
         try:
-            results = [r for rs in embed_files(paths, self.encoder, recipe=self.recipe,
-                                               batch_size=self.batch_size, workers=0,
-                                               max_pixels=self.max_pixels) for r in rs]
+            results = [r for rs in embed_decoded(_decoded(batch), self.encoder, self.batch_size)
+                       for r in rs]
         except OSError as exc:
             if exc.errno in PROCESS_ERRNOS:  # the process's, not a file's: it stops the run
                 raise _ProcessError.of(exc) from None
             raise
         ready = (self.load_s, self.ready_at)
         self.load_s, self.ready_at = 0.0, 0.0  # reported once per actor
-        return _columns(results, index, *ready)
+        times = (float(batch["decode_s"].sum()), time.perf_counter() - began)
+        return _columns(results, *ready, *times)
 
 
-def _columns(results: list[Result], index: np.ndarray, load_s: float,
-             ready_at: float) -> dict[str, np.ndarray]:
+def _objects(values) -> np.ndarray:
+    """A column of Python objects (bytes, str): NumPy would make fixed-width strings."""
+    values = list(values)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _columns(results: list[Result], load_s: float, ready_at: float, decode_s: float,
+             embed_s: float) -> dict[str, np.ndarray]:
     """Results as columns without nulls (b"" and "" stand for None): a column of nulls
     alone in a block would get another Arrow type than the same column elsewhere."""
-    def objects(values) -> np.ndarray:
-        out = np.empty(len(results), dtype=object)
-        out[:] = list(values)
-        return out
-
     return {
-        "index": np.array([index[r.index] for r in results], dtype=np.int64),
-        "vector": objects(b"" if r.vector is None else np.asarray(r.vector, np.float32).tobytes()
-                          for r in results),
+        "index": np.array([r.index for r in results], dtype=np.int64),
+        "vector": _objects(b"" if r.vector is None else np.asarray(r.vector, np.float32).tobytes()
+                           for r in results),
         "width": np.array([r.width for r in results], dtype=np.int64),
         "height": np.array([r.height for r in results], dtype=np.int64),
-        "error": objects(r.error or "" for r in results),
-        "local": objects(r.local or b"" for r in results),
+        "error": _objects(r.error or "" for r in results),
+        "local": _objects(r.local or b"" for r in results),
         "load_s": np.full(len(results), load_s, dtype=np.float64),
         "ready_at": np.full(len(results), ready_at, dtype=np.float64),
+        # Time spent on the batch by its decode tasks and by this actor.
+        "decode_s": _first_only(decode_s, len(results)),
+        "embed_s": _first_only(embed_s, len(results)),
     }
 
 
@@ -273,35 +320,69 @@ def _quiet_ray_data() -> None:
     log_once("ray_data_progress_manager_disabled")
 
 
-def _dataset(ray, paths: Sequence[str], recipe, weights, batch_size: int, max_pixels: int):
-    """The lazy Dataset of Results columns: the paths in small blocks, through a pool of actors."""
-    from ray.data import ActorPoolStrategy, DataContext
+@dataclass(frozen=True)
+class _Plan:
+    """How a run uses the cluster: the embedding actors and the decode tasks beside them."""
+
+    actors: int
+    actor_cpus: int  # CPUs each actor holds (its ONNX Runtime threads on a CPU cluster)
+    gpus: bool  # one GPU per actor
+    decoders: int  # decode tasks at once
+    blocks: int  # blocks of paths, one decode task each
+    embed_batch: int  # decoded rows an actor gets at once
+
+
+def _plan(cpus: int, gpus: int, files: int, batch_size: int) -> _Plan:
+    """One actor per GPU; without GPUs a third of the CPUs (EMBED_CPU_SHARE) embeds. The
+    decode tasks get the other CPUs: the actors never hold them all, since an actor
+    waiting for decoded images that no task can make would wait for ever (2 CPUs: one
+    actor, one decode task; 1 CPU: the actor holds none and shares it)."""
+    actors = min(gpus or max(1, cpus // EMBED_CPU_SHARE), files)
+    actor_cpus = CPUS_PER_ACTOR if actors * CPUS_PER_ACTOR < cpus else 0
+    decoders = max(1, cpus - actors * actor_cpus)
+    # A batch per block, but at least a block per decode task the cluster runs at once,
+    # so that a small run is decoded in parallel too (no padding: smaller batches give
+    # the same descriptors).
+    blocks = min(max(math.ceil(files / batch_size), min(files, decoders)), MAX_BLOCKS)
+    # And a small run is shared by the actors: a batch each, not one for the first.
+    embed_batch = max(1, min(batch_size, math.ceil(files / actors)))
+    return _Plan(actors, actor_cpus, bool(gpus), decoders, blocks, embed_batch)
+
+
+def _dataset(ray, paths: Sequence[str], recipe, weights, batch_size: int, max_pixels: int,
+             decode_timeout: float | None):
+    """The lazy Dataset of Results columns: the paths in small blocks, decoded by CPU tasks,
+    embedded by a pool of actors."""
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the caller has its own
     ctx.raise_original_map_exception = True  # an OSError arrives as one, errno and all
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    slots = max(1, gpus or int(resources.get("CPU", 1)) // CPUS_PER_ACTOR)
-    # A batch per block, but at least a block per actor the cluster holds, so that a
-    # small run is shared too (no padding: smaller batches give the same descriptors).
-    blocks = min(max(math.ceil(len(paths) / batch_size), min(len(paths), slots)), MAX_BLOCKS)
-    actors = min(slots, blocks)
-    log.info("embedding %d files on Ray: %d actors (%s), %d blocks", len(paths), actors,
-             "1 GPU each" if gpus else f"{CPUS_PER_ACTOR} CPU each", blocks)
+    plan = _plan(int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), len(paths), batch_size)
+    log.info("embedding %d files on Ray: %d actors (%s), %d decode tasks at once, %d blocks",
+             len(paths), plan.actors, "1 GPU each" if plan.gpus else f"{plan.actor_cpus} CPU each",
+             plan.decoders, plan.blocks)
+    local = (recipe.local_size, recipe.local_keypoints) if recipe.has_local else None
     items = [{"index": i, "path": p} for i, p in enumerate(paths)]
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ray.data.from_items(items, override_num_blocks=plan.blocks)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates remote arguments here, yet has no other way to bound retries.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # Tasks, not actors: they spread over every CPU the actors leave free, each in the
+        # main thread of its process, where the decode time limit works.
+        ds = ds.map_batches(_decode, batch_size=None, batch_format="numpy", num_cpus=1,
+                            compute=TaskPoolStrategy(size=plan.decoders), max_retries=TASK_RETRIES,
+                            fn_kwargs=dict(longest=recipe.image_size, max_pixels=max_pixels,
+                                           timeout=decode_timeout, local=local))
         # A dead actor is restarted (max_restarts -1, Ray Data's default) and its batch retried.
         return ds.map_batches(
-            _Embedder, batch_size=batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
+            _Embedder, batch_size=plan.embed_batch, batch_format="numpy",
+            compute=ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
             fn_constructor_kwargs=dict(recipe_json=recipe.to_json(),
                                        weights=None if weights is None else os.fspath(weights),
-                                       batch_size=batch_size, max_pixels=max_pixels, cpus=CPUS_PER_ACTOR),
-            num_cpus=CPUS_PER_ACTOR, num_gpus=1 if gpus else 0,
+                                       batch_size=batch_size, threads=max(1, plan.actor_cpus)),
+            num_cpus=plan.actor_cpus, num_gpus=1 if plan.gpus else 0,
             max_restarts=-1, max_task_retries=TASK_RETRIES)
 
 
@@ -324,17 +405,20 @@ def _failure(ray, exc: BaseException) -> BaseException:
 
 
 def embed_files(paths: Sequence[str], recipe, *, weights=None, batch_size: int = 32,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[list[Result]]:
+                max_pixels: int = DEFAULT_MAX_PIXELS,
+                decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT) -> Iterator[list[Result]]:
     """Yield lists of Results (``index``: position in ``paths``), in any order, until every
-    path has exactly one; a file that fails has a Result with the reason, as locally."""
+    path has exactly one; a file that fails has a Result with the reason, as locally
+    (a decode that takes longer than ``decode_timeout`` seconds too)."""
     if not paths:
         return
     ray = _ray()
     _quiet_ray_data()
     began, began_at = time.perf_counter(), time.time()
-    ds = _dataset(ray, paths, recipe, weights, batch_size, max_pixels)
+    ds = _dataset(ray, paths, recipe, weights, batch_size, max_pixels, decode_timeout)
     seen = np.zeros(len(paths), dtype=bool)
     first, in_first = None, 0
+    decode_s = embed_s = 0.0
     try:
         # Streamed: Ray Data's executor stops feeding actors while results wait here. No
         # prefetch: with it, each batch waited here for the next one to be ready.
@@ -347,6 +431,8 @@ def embed_files(paths: Sequence[str], recipe, *, weights=None, batch_size: int =
             if len(results) < len(batch["index"]):
                 log.debug("Ray delivered %d results twice", len(batch["index"]) - len(results))
             seen[[r.index for r in results]] = True
+            decode_s += float(batch["decode_s"].sum())
+            embed_s += float(batch["embed_s"].sum())
             if first is None:
                 first, in_first = time.perf_counter(), len(results)
                 log.info("first results from Ray after %.1f s", first - began)
@@ -361,3 +447,6 @@ def embed_files(paths: Sequence[str], recipe, *, weights=None, batch_size: int =
     rate = (f", {(len(paths) - in_first) / (done - first):.1f} files/s after the first results"
             if len(paths) > in_first and done > first else "")
     log.info("embedded %d files on Ray in %.1f s%s", len(paths), done - began, rate)
+    log.info("Ray stages: decode tasks %.1f s (%.1f ms a file), embedding actors %.1f s "
+             "(%.1f ms a file)", decode_s, 1000 * decode_s / len(paths), embed_s,
+             1000 * embed_s / len(paths))

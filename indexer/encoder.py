@@ -55,11 +55,12 @@ class Encoder:
 
     Thread-safe: one instance can serve many threads. ``engine`` "auto" picks
     ONNX Runtime on the CPU (about 3x faster than eager PyTorch there) and
-    torch on CUDA; "torch" forces PyTorch.
+    torch on CUDA; "torch" forces PyTorch. ``threads``: ONNX Runtime's thread pool
+    (default: every CPU of the machine; a Ray actor owns fewer).
     """
 
     def __init__(self, recipe: Recipe, weights_file: str | os.PathLike | None = None,
-                 device: str = "cpu", engine: str = "auto"):
+                 device: str = "cpu", engine: str = "auto", threads: int | None = None):
         path, sha = resolve_weights(recipe.model, weights_file, recipe.weights_sha256)
         if sha != recipe.weights_sha256:
             raise_mismatch(recipe, sha, given=weights_file is not None)
@@ -71,7 +72,7 @@ class Encoder:
             raise ValueError(f"unknown engine {engine!r}; use auto or torch")
         if device == "cpu" and engine == "auto":
             try:
-                self._session = _onnx_session(recipe, path)
+                self._session = _onnx_session(recipe, path, threads)
             except BackboneError:
                 raise
             except Exception as exc:  # noqa: BLE001 - fall back to torch, which always works
@@ -148,11 +149,11 @@ def raise_mismatch(recipe: Recipe, sha: str, given: bool = True) -> None:
     )
 
 
-def _onnx_session(recipe: Recipe, weights_file: Path):
+def _onnx_session(recipe: Recipe, weights_file: Path, threads: int | None = None):
     path = cache_dir() / f"{recipe.model}-{recipe.layer}-{recipe.weights_sha256[:16]}-op{ONNX_OPSET}.onnx"
     if path.exists():
         try:
-            return _load_onnx(path)
+            return _load_onnx(path, threads)
         except Exception as exc:  # noqa: BLE001 - a damaged cache file is only a cache
             log.warning("the cached model %s is unusable (%s); exporting it again", path,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -166,8 +167,8 @@ def _onnx_session(recipe: Recipe, weights_file: Path):
         with tempfile.TemporaryDirectory(prefix="lookalike-onnx-") as tmp:
             path = Path(tmp) / path.name
             _export(recipe, weights_file, path)
-            return _load_onnx(path)
-    return _load_onnx(path)
+            return _load_onnx(path, threads)
+    return _load_onnx(path, threads)
 
 
 def _remove_orphans(path: Path) -> None:
@@ -182,12 +183,12 @@ def _remove_orphans(path: Path) -> None:
             pass
 
 
-def _load_onnx(path: Path):
+def _load_onnx(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.log_severity_level = 3
     # Idle threads sleep instead of spinning after each run: spinning, they kept the cores
     # from FAISS's threads, and a search right after a forward pass took 8 ms instead of

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,26 +48,36 @@ class _Files:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
-        try:
-            d = open_image(self.paths[i], self.longest, self.max_pixels, timeout=self.timeout,
-                           gray=self.local[0] if self.local else None)
-            blob = None
-            if self.local:
-                from . import local
+    def __getitem__(self, i: int) -> tuple:
+        return (i, *decode_one(self.paths[i], self.longest, self.max_pixels, self.timeout, self.local))
 
-                blob = local.encode(local.extract(d.gray, self.local[1]))
-        except DecodeError as exc:
-            return i, None, 0, 0, str(exc), None
-        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
-            if isinstance(exc, OSError) and exc.errno in PROCESS_ERRNOS:
-                # Raised in the caller's process, where the DataLoader would not keep errno.
-                return i, None, 0, 0, _ProcessError(exc.errno, exc.strerror, self.paths[i]), None
-            return i, None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split()), None
-        # A NumPy array travels from the worker pickled through the worker's pipe.
-        # A tensor would go through shared memory, passing a file descriptor
-        # per image; short of descriptors, torch's fd passing can hang forever.
-        return i, d.pixels, d.width, d.height, None, blob
+
+def decode_one(path: str, longest: int, max_pixels: int, timeout: float | None,
+               local: tuple[int, int] | None) -> tuple:
+    """(pixels, width, height, error, local features) for one file, as a decoding worker
+    makes them; a failure is returned as its reason (or a _ProcessError), never raised.
+
+    The time limit applies only in a main thread (see decode.time_limit): a DataLoader
+    worker's, this process's with no workers, or a Ray task's.
+    """
+    try:
+        d = open_image(path, longest, max_pixels, timeout=timeout, gray=local[0] if local else None)
+        blob = None
+        if local:
+            from . import local as local_features
+
+            blob = local_features.encode(local_features.extract(d.gray, local[1]))
+    except DecodeError as exc:
+        return None, 0, 0, str(exc), None
+    except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
+        if isinstance(exc, OSError) and exc.errno in PROCESS_ERRNOS:
+            # Raised in the caller's process, where the DataLoader would not keep errno.
+            return None, 0, 0, _ProcessError(exc.errno, exc.strerror, path), None
+        return None, 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split()), None
+    # A NumPy array travels from the worker pickled through the worker's pipe.
+    # A tensor would go through shared memory, passing a file descriptor
+    # per image; short of descriptors, torch's fd passing can hang forever.
+    return d.pixels, d.width, d.height, None, blob
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,15 @@ def embed_files(paths: Sequence[str], encoder, *, recipe=None, batch_size: int =
     if callable(encoder):
         encoder = encoder()
     log.info("embedding %d files with %s", len(paths), encoder.engine)
+    yield from embed_decoded(items, encoder, batch_size)
+
+
+def embed_decoded(items: Iterable[tuple], encoder, batch_size: int) -> Iterator[list[Result]]:
+    """Yield lists of Results for decoded ``items`` (index, pixels, width, height, error,
+    local features: _Files' tuples), embedding images of one shape per model batch.
+
+    A _ProcessError as the error raises OSError: the process failed, not the file.
+    """
     buckets: dict[tuple[int, int], list] = {}
     buffered = 0
     # Bound memory when many shapes are pending: flush the largest bucket.

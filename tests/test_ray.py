@@ -49,6 +49,20 @@ def test_unreachable_cluster_is_one_line():
     assert str(err.value) == "cannot connect to the Ray cluster at 127.0.0.1:1: Connection refused"
 
 
+@pytest.mark.parametrize("cpus, gpus, files, want", [
+    (2, 0, 100, (1, 1, 1)),  # CI's local mode: one actor, one decode task beside it
+    (1, 0, 100, (1, 0, 1)),  # the actor holds no CPU: the decode task must find one
+    (16, 0, 1000, (5, 1, 11)),  # a third of the CPUs embeds, the rest decodes
+    (32, 4, 1000, (4, 1, 28)),  # one actor per GPU, with a CPU each
+    (16, 0, 2, (2, 1, 14)),  # a small run: no more actors than files
+])
+def test_plan_leaves_cpus_to_decode(cpus, gpus, files, want):
+    plan = cluster._plan(cpus, gpus, files, batch_size=32)
+    assert (plan.actors, plan.actor_cpus, plan.decoders) == want
+    assert plan.actors * plan.actor_cpus < cpus  # never every CPU: decoding would wait for ever
+    assert plan.gpus == bool(gpus) and 1 <= plan.embed_batch <= 32
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance for the module (its start takes seconds). Workers inherit this
@@ -191,3 +205,41 @@ def test_cli_index_with_ray(ray_local, folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "9 added" in result.output and "1 failed" in result.output
     assert len(snapshot(db)["ok"]) == 9
+
+
+def _slow_png(path: Path, side: int) -> Path:
+    """A real PNG of ``side`` x ``side`` grey zeros: a few hundred KB on disk, and about a
+    second of Pillow's chunked decoding, which the time limit can stop midway."""
+    import struct
+    import zlib
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (side + 1)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decode_time_limit_applies_on_ray(ray_local, folder, tmp_path):
+    """Decode tasks run in the main thread of their process, where the SIGALRM time limit
+    works: a file that decodes too long fails with the reason, the others get descriptors."""
+    from indexer.backbone import resolve_weights
+    from indexer.recipe import make_recipe
+
+    recipe = make_recipe("efficientnet_lite0", weights_sha256=resolve_weights("efficientnet_lite0")[1],
+                         image_size=64)
+    slow = _slow_png(tmp_path / "slow.png", 13_000)  # 169 megapixels, under the default guard
+    paths = [str(folder / "p0.jpg"), str(slow), str(folder / "p1.jpg"), str(folder / "sub" / "wide.png")]
+    start = time.monotonic()
+    results = {r.index: r for batch in cluster.embed_files(paths, recipe, batch_size=2, decode_timeout=0.3)
+               for r in batch}
+    assert sorted(results) == [0, 1, 2, 3]
+    assert results[1].vector is None and results[1].error == "decoding took longer than 0.3 s"
+    for i in (0, 2, 3):
+        assert results[i].error is None and results[i].vector.shape == (recipe.dim,), results[i].error
+    assert time.monotonic() - start < 60
