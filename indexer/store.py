@@ -233,7 +233,7 @@ def writer_lock(db: Where, wait: bool = True, shared: bool = False) -> Iterator[
 
 
 @contextmanager
-def _file_lock(db: Path, wait: bool) -> Iterator[bool]:
+def _file_lock(db: Path, wait: bool, what: str | None = None) -> Iterator[bool]:
     try:
         import fcntl
     except ImportError:
@@ -247,7 +247,7 @@ def _file_lock(db: Path, wait: bool) -> Iterator[bool]:
         if not wait:
             yield False
             return
-        what = "write to this folder" if db.exists() else "create the database here"
+        what = what or ("write to this folder" if db.exists() else "create the database here")
         raise StoreError(f"{db}: cannot {what}: {exc.strerror or exc}") from None
     with handle:
         try:
@@ -286,8 +286,13 @@ def _server_lock(url: URL, shared: bool) -> Iterator[bool]:
                 conn.execute(text(f"SELECT pg_advisory_lock{suffix}({WRITERS_KEY})"))
             try:
                 yield True
-            finally:
-                conn.execute(text(f"SELECT pg_advisory_unlock{suffix}({WRITERS_KEY})"))
+            except BaseException:
+                # The writer's own error is the one to report: drop the connection (the server
+                # lets the lock go with it) rather than unlock on it, which may fail too (the
+                # failure may be the connection's) and would replace that error.
+                conn.invalidate()
+                raise
+            conn.execute(text(f"SELECT pg_advisory_unlock{suffix}({WRITERS_KEY})"))
     except StoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - connection failures of any driver
@@ -513,7 +518,7 @@ class Store:
             from contextlib import nullcontext
 
             return nullcontext(True)
-        return _file_lock(self.path, wait=True)
+        return _file_lock(self.path, wait=True, what=f"write its FAISS file in {self.path.parent}")
 
     # -- settings ---------------------------------------------------------
     def get_setting(self, session: Session, key: str) -> str | None:

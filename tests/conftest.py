@@ -99,14 +99,9 @@ def any_db(request, tmp_path: Path):
 @pytest.fixture
 def pg_db(pg_server: str):
     """The URL of a new, empty PostgreSQL database, dropped after the test."""
-    import uuid
-
-    from sqlalchemy import make_url
-
-    name = f"lookalike_test_{uuid.uuid4().hex[:12]}"
-    _pg_admin(pg_server, f'CREATE DATABASE "{name}"')
-    yield make_url(pg_server).set(database=name).render_as_string(hide_password=False)
-    _pg_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    name, url = new_pg_database(pg_server)
+    yield url
+    drop_pg_database(pg_server, name)
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +115,29 @@ def pg_server() -> str:
             pytest.fail(why)
         pytest.skip(why)
     return url
+
+
+def new_pg_database(server: str) -> tuple[str, str]:
+    """(name, URL) of a new, empty database on ``server``."""
+    import uuid
+
+    from sqlalchemy import make_url
+
+    name = f"lookalike_test_{uuid.uuid4().hex[:12]}"
+    _pg_admin(server, f'CREATE DATABASE "{name}"')
+    return name, make_url(server).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(server: str, name: str) -> None:
+    """Drop the database ``name`` of ``server``. WITH (FORCE) ends what sessions are left, but
+    PostgreSQL refuses it while an autovacuum worker is in the database (ending one takes
+    pg_signal_backend); a plain DROP has the server cancel autovacuum itself."""
+    import psycopg
+
+    try:
+        _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except psycopg.errors.InsufficientPrivilege:
+        _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def _pg_admin(url: str, statement: str) -> None:

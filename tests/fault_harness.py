@@ -14,6 +14,11 @@ resource limit so that later writes fail for real:
   large"), in SQLite (its database file or WAL), in FAISS's writer, anywhere;
 * ``RLIMIT_NOFILE`` at 0: files already open stay usable, the next open fails with EMFILE.
 
+The database may be a file or a PostgreSQL server (``--db postgresql://...``): on a server
+the database moments (``commit``, ``committed``, ``ddl``, ``local``, ``close``) are counted at
+psycopg's connections and cursors instead of sqlite3's, and the FAISS file lives in the user
+cache ($LOOKALIKE_CACHE), where ``Harness`` reads it and looks for temp files.
+
 A SPEC is JSON: ``{"kill": {"at": EVENT, "n": N, "how": "now"|"midway"},
 "limit": {"kind": "fsize"|"nofile", "at": EVENT, "n": N, "value": N, "relative": bool},
 "trace": PATH, "preload": [MODULE, ...]}``. ``midway`` exists for ``faiss-write`` (the
@@ -57,9 +62,9 @@ REPO = HERE.parents[1]
 EVENTS = {
     "main": "the harness is installed; cli.main is about to run",
     "ddl": "before a CREATE statement (the migration of a new database)",
-    "commit": "before a SQLite COMMIT statement runs",
+    "commit": "before a SQLite COMMIT statement runs (on a server: a psycopg commit of a transaction)",
     "local": "before a row's local features are written (mid-transaction, after the image's row)",
-    "committed": "right after a SQLite commit returned",
+    "committed": "right after a SQLite (or psycopg) commit returned",
     "scanned": "the scan of the roots is complete",
     "hashed": "new and changed files are hashed",
     "onnx-exported": "torch.onnx.export wrote the temp graph (not yet checked nor renamed)",
@@ -76,8 +81,13 @@ EVENTS = {
     "replaced:meta": "after the .faiss.json sidecar is renamed into place",
     "replace:html": "before a contact sheet (--html) is renamed into place",
     "replaced:html": "after a contact sheet (--html) is renamed into place",
-    "close": "before a SQLite connection closes (the last one checkpoints the WAL)",
+    "close": "before a SQLite connection closes (the last one checkpoints the WAL), or a psycopg one",
 }
+
+def is_server_url(db) -> bool:
+    """Whether ``db`` (a --db value) names a PostgreSQL server rather than a file."""
+    return isinstance(db, str) and db.split("://", 1)[0].split("+", 1)[0].lower() in ("postgresql", "postgres")
+
 
 SUMMARY_RE = re.compile(
     r"(\d+) added, (\d+) updated, (\d+) moved, (\d+) removed, (\d+) unchanged, (\d+) failed "
@@ -97,7 +107,8 @@ class _Faults:
         self.trace = (open(spec["trace"], "a", buffering=1)  # noqa: SIM115
                       if spec.get("trace") else None)
         db = args[args.index("--db") + 1] if "--db" in args else None
-        self.db = Path(db).absolute() if db else None
+        self.server = bool(db) and is_server_url(db)
+        self.db = Path(db).absolute() if db and not self.server else None
 
     def due(self, name: str, what: dict) -> bool:
         return bool(what) and what.get("at") == name and self.counts[name] == what.get("n", 1)
@@ -154,6 +165,8 @@ class _Faults:
     # -- the patches ---------------------------------------------------------------------
     def install(self) -> None:
         self._sqlite()
+        if self.server:
+            self._psycopg()
         self._os_replace()
         self._indexer()
 
@@ -191,6 +204,51 @@ class _Faults:
 
         sqlite3.connect = connect
         sqlite3.dbapi2.connect = connect
+
+    def _psycopg(self) -> None:
+        """The database moments on a PostgreSQL server: at psycopg's commit, close and the
+        statements its cursors run (SQLAlchemy's psycopg dialect goes through these)."""
+        import psycopg
+        from psycopg import pq
+
+        faults = self
+        real_commit, real_close = psycopg.Connection.commit, psycopg.Connection.close
+        real_execute, real_executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+
+        def on_statement(query, rows: int = 1) -> None:
+            sql = (query.decode(errors="replace") if isinstance(query, (bytes, bytearray))
+                   else query if isinstance(query, str) else "")
+            head = sql.lstrip()[:8].upper()
+            if head.startswith("CREATE"):
+                faults.event("ddl")
+            elif head.startswith(("INSERT", "UPDATE")) and "local_features" in sql[:40]:
+                for _ in range(rows):  # one a row, as sqlite3 traces each row of executemany
+                    faults.event("local")
+
+        def execute(self, query, *a, **k):
+            on_statement(query)
+            return real_execute(self, query, *a, **k)
+
+        def executemany(self, query, params_seq, *a, **k):
+            params_seq = list(params_seq)
+            on_statement(query, len(params_seq))
+            return real_executemany(self, query, params_seq, *a, **k)
+
+        def commit(self):
+            real = self.info.transaction_status != pq.TransactionStatus.IDLE  # else a no-op
+            if real:
+                faults.event("commit")
+            real_commit(self)
+            if real:
+                faults.event("committed")
+
+        def close(self):
+            if not self.closed:
+                faults.event("close")
+            real_close(self)
+
+        psycopg.Connection.commit, psycopg.Connection.close = commit, close
+        psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany
 
     def _os_replace(self) -> None:
         faults = self
@@ -522,11 +580,18 @@ TABLE_HEAD = ("| trial | killed | where | rerun exit | images expected/in db/in 
 
 
 class Harness:
-    """A library, a database and the runs of ``lookalike index`` on them."""
+    """A library, a database and the runs of ``lookalike index`` on them.
+
+    With ``server`` (a PostgreSQL URL whose role may create databases), each database is a
+    new one on that server (``db`` is its URL), dropped by ``close``; otherwise a file."""
 
     def __init__(self, work: Path, *, seed: int = 0, images: int = 24, image_size: int = 128,
-                 batch_size: int = 4, workers: int = 0, cache: str | None = None):
+                 batch_size: int = 4, workers: int = 0, cache: str | None = None,
+                 server: str | None = None):
         self.work = Path(work)
+        self.server = server
+        self._made: list[str] = []  # databases made on the server, dropped by close()
+        self._stems: dict[str, Path] = {}  # server database -> its files' stem in the cache
         self.work.mkdir(parents=True, exist_ok=True)
         self.library = Library(self.work / "photos", seed)
         self.rng = random.Random(seed + 7)
@@ -546,11 +611,24 @@ class Harness:
         self.library.add(images - 2)
         self.library.add(2, corrupt=True)
 
-    def fresh_db(self) -> Path:
+    def fresh_db(self) -> Path | str:
         self._dbs += 1
-        self.db = self.work / f"db{self._dbs}" / "index.db"
+        if self.server:
+            from conftest import new_pg_database
+
+            name, self.db = new_pg_database(self.server)
+            self._made.append(name)
+        else:
+            self.db = self.work / f"db{self._dbs}" / "index.db"
         self.verified = {}
         return self.db
+
+    def close(self) -> None:
+        """Drop the databases made on the server (files are left to the work folder)."""
+        while self._made:
+            from conftest import drop_pg_database
+
+            drop_pg_database(self.server, self._made.pop())
 
     @property
     def event_max(self) -> Counter:
@@ -640,6 +718,8 @@ class Harness:
     # -- state on disk -----------------------------------------------------------------
     def read_db(self):
         """(rows {id: dict}, generation, recipe json, problems) without disturbing the WAL."""
+        if is_server_url(self.db):
+            return self._read_server_db()
         problems = []
         if not self.db.exists():
             return {}, 0, None, problems
@@ -672,6 +752,65 @@ class Harness:
         finally:
             con.close()
 
+    def _read_server_db(self):
+        """read_db of a server database, in one snapshot (its pages are the server's to keep
+        whole: there is no integrity check to run)."""
+        from sqlalchemy import create_engine, inspect, text
+        from sqlalchemy.exc import DBAPIError
+
+        from indexer.store import resolve_db
+
+        problems: list[str] = []
+        engine = create_engine(resolve_db(self.db))
+        try:
+            with engine.connect().execution_options(isolation_level="REPEATABLE READ") as con:
+                tables = set(inspect(con).get_table_names())
+                if "images" not in tables or "settings" not in tables:
+                    return {}, 0, None, problems
+                rows = {}
+                for r in con.execute(text("select id, path, size, mtime_ns, sha256, status, error, "
+                                          "embedding, width, height from images")):
+                    rows[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "sha256", "status", "error",
+                                           "embedding", "width", "height"), r), local=None)
+                    if rows[r[0]]["embedding"] is not None:
+                        rows[r[0]]["embedding"] = bytes(rows[r[0]]["embedding"])
+                if "local_features" in tables:
+                    for image_id, data in con.execute(text("select image_id, data from local_features")):
+                        if image_id in rows:
+                            rows[image_id]["local"] = bytes(data)
+                        else:
+                            problems.append(f"local features of id {image_id}, which has no row")
+                settings = dict(con.execute(text("select key, value from settings")).all())
+                return rows, int(settings.get("generation", 0)), settings.get("recipe"), problems
+        except DBAPIError as exc:
+            return {}, 0, None, problems + [f"database cannot be read: {exc}".splitlines()[0]]
+        finally:
+            engine.dispose()
+
+    def files_stem(self) -> Path | None:
+        """The path beside which the database's FAISS file, its sidecar and their temp files
+        lie: the database file itself, or for a server its name in the user cache (None while
+        the server database has none: no run has got that far)."""
+        if not is_server_url(self.db):
+            return self.db
+        if self.db not in self._stems:
+            from conftest import sql
+
+            try:
+                known = sql(self.db, "select value from settings where key = 'database_id'")
+            except Exception:  # noqa: BLE001 - no settings table yet: a new database
+                return None
+            if not known:  # no run got past the migration; opening it now would give it one
+                return None
+            from indexer.store import Store
+
+            store = Store(self.db, create=False)
+            try:
+                self._stems[self.db] = store.path
+            finally:
+                store.close()
+        return self._stems[self.db]
+
     def read_faiss(self):
         """(ids, vectors, meta, problem) of the vector index on disk, read through
         indexer.vectors; ids None when there is no FAISS file, vectors None when the
@@ -680,8 +819,11 @@ class Harness:
         from indexer import vectors
         from indexer.store import Store, StoreError
 
-        path = self.db.with_name(self.db.name + ".faiss")
-        meta_path = self.db.with_name(self.db.name + ".faiss.json")
+        stem = self.files_stem()
+        if stem is None:
+            return None, None, None, None
+        path = stem.with_name(stem.name + ".faiss")
+        meta_path = stem.with_name(stem.name + ".faiss.json")
         meta = None
         if meta_path.exists():
             try:
@@ -705,7 +847,8 @@ class Harness:
             store.close()
 
     def temp_files(self) -> list[str]:
-        return sorted(p.name for p in self.db.parent.glob(f".{self.db.name}*.tmp"))
+        stem = self.files_stem()
+        return [] if stem is None else sorted(p.name for p in stem.parent.glob(f".{stem.name}*.tmp"))
 
     # -- checks ------------------------------------------------------------------------
     def _common(self, rows, generation) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import index_agrees_with_db, save_photo
-from indexer import Indexer, vectors
+from conftest import faiss_file, index_agrees_with_db, save_photo, sql
+from indexer import Indexer
 from indexer.check import check
-from indexer.store import pack_vector, unpack_vector
+from indexer.store import describe, pack_vector, resolve_db, unpack_vector
 from search import Searcher
 
 
@@ -23,19 +22,23 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def embeddings(db: Path) -> dict[str, bytes]:
-    with sqlite3.connect(db) as con:
-        return dict(con.execute("select path, embedding from images where status = 'ok'"))
+@pytest.fixture
+def db(any_db):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return any_db
 
 
-def consistent(db: Path, photos: Path) -> None:
+def embeddings(db) -> dict[str, bytes]:
+    return {path: bytes(blob) for path, blob in sql(db, "select path, embedding from images where status = 'ok'")}
+
+
+def consistent(db, photos: Path) -> None:
     """The state every repair must end in: check is clean and FAISS equals the database."""
     report = check(db, sample=-1)
     assert report.ok and not report.problems, [p.line() for p in report.problems]
     index_agrees_with_db(db)
     on_disk = {str(p) for p in photos.rglob("*") if p.is_file()}
-    with sqlite3.connect(db) as con:
-        assert {p for (p,) in con.execute("select path from images")} <= on_disk
+    assert {p for (p,) in sql(db, "select path from images")} <= on_disk
 
 
 @pytest.fixture
@@ -54,10 +57,11 @@ def test_a_consistent_index_passes(indexed):
 
 def test_a_deleted_faiss_file_is_found_and_rebuilt(indexed):
     photos, db = indexed
-    vectors.index_path(db).unlink()
+    path = faiss_file(db)
+    path.unlink()
     result = run("check", "--db", db)
     assert result.exit_code == 1
-    assert f"faiss: {vectors.index_path(db)}: the FAISS file is missing" in result.output
+    assert f"faiss: {path}: the FAISS file is missing" in result.output
     assert "'lookalike check --repair' fixes 1 of them" in result.output
     result = run("check", "--db", db, "--repair")
     assert result.exit_code == 0, result.output
@@ -69,10 +73,9 @@ def test_an_extra_row_is_found_and_dropped(indexed):
     photos, db = indexed
     before = embeddings(db)
     ghost = str(photos / "ghost.jpg")
-    with sqlite3.connect(db) as con:
-        con.execute("insert into images (path, size, mtime_ns, sha256, status, embedding, indexed_at) "
-                    "select ?, size, mtime_ns, sha256, status, embedding, indexed_at from images "
-                    "where id = 1", (ghost,))
+    sql(db, "insert into images (path, size, mtime_ns, sha256, status, embedding, indexed_at) "
+        "select :ghost, size, mtime_ns, sha256, status, embedding, indexed_at from images "
+        "where id = 1", ghost=ghost)
     result = run("check", "--db", db)
     assert result.exit_code == 1
     lines = result.output.splitlines()
@@ -105,11 +108,10 @@ def test_a_vanished_image_file_is_dropped_and_the_rest_kept_bit_for_bit(indexed)
 def test_a_changed_recipe_is_found_and_restored(indexed):
     photos, db = indexed
     before = embeddings(db)
-    with sqlite3.connect(db) as con:
-        recipe = json.loads(con.execute("select value from settings where key = 'recipe'").fetchone()[0])
-        recipe["image_size"] = 224
-        con.execute("update settings set value = ? where key = 'recipe'",
-                    (json.dumps(recipe, sort_keys=True),))
+    [(value,)] = sql(db, "select value from settings where key = 'recipe'")
+    recipe = json.loads(value)
+    recipe["image_size"] = 224
+    sql(db, "update settings set value = :value where key = 'recipe'", value=json.dumps(recipe, sort_keys=True))
     result = run("check", "--db", db)
     assert result.exit_code == 1
     assert ("recipe: the database's recipe is not the one its FAISS file was built with "
@@ -117,21 +119,19 @@ def test_a_changed_recipe_is_found_and_restored(indexed):
     result = run("check", "--db", db, "--repair")
     assert result.exit_code == 0, result.output
     assert embeddings(db) == before
-    with sqlite3.connect(db) as con:
-        assert json.loads(con.execute("select value from settings where key = 'recipe'")
-                          .fetchone()[0])["image_size"] == 448
+    [(value,)] = sql(db, "select value from settings where key = 'recipe'")
+    assert json.loads(value)["image_size"] == 448
     consistent(db, photos)
 
 
 def test_damaged_and_swapped_embeddings_are_recomputed(indexed):
     photos, db = indexed
     fresh = embeddings(db)
-    with sqlite3.connect(db) as con:
-        # One embedding scaled (no longer unit length), one swapped for another image's.
-        vec = unpack_vector(fresh[str(photos / "p1.jpg")], 1280) * 2
-        con.execute("update images set embedding = ? where path = ?", (pack_vector(vec), str(photos / "p1.jpg")))
-        con.execute("update images set embedding = ? where path = ?",
-                    (fresh[str(photos / "p4.jpg")], str(photos / "p2.jpg")))
+    # One embedding scaled (no longer unit length), one swapped for another image's.
+    vec = unpack_vector(fresh[str(photos / "p1.jpg")], 1280) * 2
+    update = "update images set embedding = :blob where path = :path"
+    sql(db, update, blob=pack_vector(vec), path=str(photos / "p1.jpg"))
+    sql(db, update, blob=fresh[str(photos / "p4.jpg")], path=str(photos / "p2.jpg"))
     result = run("check", "--db", db, "--all")
     assert result.exit_code == 1
     assert f"row: {photos / 'p1.jpg'} (id 2): its embedding is not unit length (norm 2.0000)" in result.output
@@ -159,7 +159,7 @@ def test_a_file_changed_on_disk_is_embedded_again(indexed):
 
 def test_a_truncated_faiss_file_and_leftover_temp_files_are_mended(indexed):
     photos, db = indexed
-    path = vectors.index_path(db)
+    path = faiss_file(db)
     path.write_bytes(path.read_bytes()[:100])
     tmp = path.with_name(f".{path.name}.abc123.tmp")
     tmp.write_bytes(b"half a file")
@@ -191,6 +191,15 @@ def test_check_refuses_what_is_not_a_database(tmp_path):
     result = run("check", "--db", junk)
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_check_refuses_a_server_database_that_holds_no_index(pg_db):
+    """The server's counterpart of a missing file: an empty database is refused, not made one."""
+    result = run("check", "--db", pg_db)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {describe(resolve_db(pg_db))}: not a lookalike database; "
+                                     "run 'lookalike index' to make one")
+    assert sql(pg_db, "select count(*) from information_schema.tables where table_schema = 'public'") == [(0,)]
 
 
 def test_an_unchanged_file_that_cannot_be_decoded_here_keeps_its_embedding(indexed, monkeypatch):

@@ -10,23 +10,53 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select
 
-from conftest import save_photo
+from conftest import drop_pg_database, new_pg_database, save_photo
 from indexer import Indexer, RecipeMismatch
 from indexer.exchange import ExchangeError, export, import_embeddings
 from indexer.recipe import Recipe
 from indexer.store import ImageRow, Store
 
 
+@pytest.fixture
+def db(any_db):
+    """The database imported into (or made for a test): every test here runs on SQLite and
+    on PostgreSQL."""
+    return any_db
+
+
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory) -> tuple[Path, Path]:
-    """(photos folder, database): five small photos indexed once for the whole module."""
-    base = tmp_path_factory.mktemp("exchange")
-    root = base / "photos"
+def library(tmp_path_factory) -> Path:
+    """Five small photos, made once for the whole module."""
+    root = tmp_path_factory.mktemp("exchange") / "photos"
     for i in range(5):
         save_photo(root / f"p{i}.jpg", seed=40 + i, quality=92)
-    db = base / "source.db"
-    Indexer(db, image_size=128, workers=0).index([root])
-    return root, db
+    return root
+
+
+@pytest.fixture(scope="module")
+def indexed(library, tmp_path_factory) -> tuple[Path, Path]:
+    """(photos folder, database): the photos indexed once for the whole module, in a file."""
+    db = tmp_path_factory.mktemp("exchange-db") / "source.db"
+    Indexer(db, image_size=128, workers=0).index([library])
+    return library, db
+
+
+@pytest.fixture(scope="module")
+def pg_indexed(library, pg_server):
+    """(photos folder, database URL): the photos indexed once for the whole module, in a new
+    PostgreSQL database, dropped at the end."""
+    name, db = new_pg_database(pg_server)
+    try:
+        Indexer(db, image_size=128, workers=0).index([library])
+        yield library, db
+    finally:
+        drop_pg_database(pg_server, name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def source(request):
+    """(photos folder, database) to export from: the module's file, or its server database."""
+    return request.getfixturevalue("indexed" if request.param == "sqlite" else "pg_indexed")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +71,7 @@ def exported(indexed, tmp_path_factory) -> Path:
 class _open:
     """A Store as a context manager, closed at the end."""
 
-    def __init__(self, db: Path):
+    def __init__(self, db):
         self.store = Store(db)
 
     def __enter__(self) -> Store:
@@ -51,12 +81,12 @@ class _open:
         self.store.close()
 
 
-def _import(db: Path, source: Path, **kw):
+def _import(db, source: Path, **kw):
     with _open(db) as store:
         return import_embeddings(store, source, **kw)
 
 
-def _vectors(db: Path) -> dict[str, np.ndarray]:
+def _vectors(db) -> dict[str, np.ndarray]:
     """Every indexed image's descriptor, by path."""
     with _open(db) as store:
         with store.session() as s:
@@ -74,8 +104,12 @@ def _recipe_json(exported: Path) -> str:
     return pq.ParquetFile(exported).metadata.metadata[b"lookalike.recipe"].decode()
 
 
-def test_export_writes_the_documented_format(indexed, exported, tmp_path):
-    root, db = indexed
+def test_export_writes_the_documented_format(source, tmp_path):
+    root, db = source
+    exported = tmp_path / "out" / "all.parquet"
+    exported.parent.mkdir()
+    with _open(db) as store:
+        export(store, exported)
     table = pq.read_table(exported)
     assert table.num_rows == 5, f"expected 5 rows, got {table.num_rows}"
     with _open(db) as store:
@@ -100,11 +134,10 @@ def test_export_writes_the_documented_format(indexed, exported, tmp_path):
                                                                       "part-00001.parquet"], again
 
 
-def test_round_trip_gives_the_same_embeddings_and_results(indexed, tmp_path):
-    root, db = indexed
+def test_round_trip_gives_the_same_embeddings_and_results(source, db, tmp_path):
+    root, db, new = *source, db
     with _open(db) as store:
         export(store, tmp_path / "parts", rows_per_file=2)
-    new = tmp_path / "new.db"
     seen = []
     result = _import(new, tmp_path / "parts", batch=2, progress=lambda done, total: seen.append((done, total)))
     assert (result.added, result.updated, result.unchanged, result.failed, result.files) == (5, 0, 0, [], 3), result
@@ -127,8 +160,8 @@ def test_round_trip_gives_the_same_embeddings_and_results(indexed, tmp_path):
             assert np.allclose([m.score for m in ra], [m.score for m in rb], atol=1e-3), (ra, rb)
 
 
-def test_importing_again_changes_nothing(exported, tmp_path):
-    new = tmp_path / "new.db"
+def test_importing_again_changes_nothing(exported, db):
+    new = db
     assert _import(new, exported).added == 5
     with _open(new) as store:
         generation = store.generation()
@@ -138,8 +171,8 @@ def test_importing_again_changes_nothing(exported, tmp_path):
         assert store.generation() == generation, "an import that changes nothing commits no change"
 
 
-def test_a_killed_import_is_finished_by_importing_again(exported, tmp_path):
-    new = tmp_path / "new.db"
+def test_a_killed_import_is_finished_by_importing_again(exported, db):
+    new = db
 
     def killed(done: int, total: int) -> None:
         if done >= 2:
@@ -157,19 +190,19 @@ def test_a_killed_import_is_finished_by_importing_again(exported, tmp_path):
         assert vectors.is_current(store), "the FAISS file is brought up to date"
 
 
-def test_a_new_database_takes_the_files_whitening(exported, tmp_path):
+def test_a_new_database_takes_the_files_whitening(exported, db, tmp_path):
     meta = dict(pq.ParquetFile(exported).metadata.metadata)
     meta[b"lookalike.whitening"] = b"none"  # turned off for good in the source
     table = pq.read_table(exported).replace_schema_metadata(meta)
     pq.write_table(table, tmp_path / "w.parquet")
-    new = tmp_path / "new.db"
+    new = db
     assert _import(new, tmp_path / "w.parquet").added == 5
     with _open(new) as store:
         assert store.whitening_setting() == "none", "the whitening setting travels with the recipe"
 
 
-def test_a_changed_embedding_updates_the_row(exported, tmp_path):
-    new = tmp_path / "new.db"
+def test_a_changed_embedding_updates_the_row(exported, db, tmp_path):
+    new = db
     _import(new, exported)
     table = pq.read_table(exported)
     dim = table.schema.field("embedding").type.list_size
@@ -182,7 +215,7 @@ def test_a_changed_embedding_updates_the_row(exported, tmp_path):
     assert np.allclose(stored, vecs[0], atol=1e-3), "the row holds the new embedding"
 
 
-def test_bad_rows_are_reported_and_the_rest_imported(exported, tmp_path):
+def test_bad_rows_are_reported_and_the_rest_imported(exported, db, tmp_path):
     source = pq.read_table(exported)
     vecs = [np.asarray(v, np.float32) for v in source.column("embedding").to_pylist()]
     paths = source.column("path").to_pylist()
@@ -194,7 +227,7 @@ def test_bad_rows_are_reported_and_the_rest_imported(exported, tmp_path):
     table = pa.table({"path": [p for p, _ in rows],
                       "embedding": pa.array([v.tolist() for _, v in rows], pa.list_(pa.float32()))})
     bad = _write(tmp_path / "bad.parquet", table, _recipe_json(exported))
-    new = tmp_path / "new.db"
+    new = db
     result = _import(new, bad)
     assert result.added == 2, result
     reasons = [reason for file, reason in result.failed]
@@ -212,7 +245,7 @@ def test_bad_rows_are_reported_and_the_rest_imported(exported, tmp_path):
     assert (size, mtime, sha) == (0, 0, None), "missing optional columns take their defaults"
 
 
-def test_a_bad_file_in_a_folder_is_reported_and_skipped(exported, tmp_path):
+def test_a_bad_file_in_a_folder_is_reported_and_skipped(exported, db, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.parquet").write_bytes(exported.read_bytes())
@@ -224,7 +257,7 @@ def test_a_bad_file_in_a_folder_is_reported_and_skipped(exported, tmp_path):
                                                                    pa.list_(pa.float32(), dim - 1))})
     _write(folder / "c.parquet", narrow, _recipe_json(exported))
     pq.write_table(table.replace_schema_metadata({}), folder / "d.parquet")  # not an export
-    result = _import(tmp_path / "new.db", folder)
+    result = _import(db, folder)
     assert result.added == 5 and result.files == 1, result
     failed = dict(result.failed)
     assert set(failed) == {str(folder / n) for n in ("b.parquet", "c.parquet", "d.parquet")}, failed
@@ -233,14 +266,14 @@ def test_a_bad_file_in_a_folder_is_reported_and_skipped(exported, tmp_path):
     assert "lookalike.recipe" in failed[str(folder / "d.parquet")], failed
 
 
-def test_a_file_of_another_recipe_is_refused_naming_it(exported, tmp_path):
+def test_a_file_of_another_recipe_is_refused_naming_it(exported, db, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.parquet").write_bytes(exported.read_bytes())
     recipe = Recipe.from_json(_recipe_json(exported))
     other = dataclasses.replace(recipe, pooling="mac", gem_p=0.0)
     _write(folder / "b.parquet", pq.read_table(exported), other.to_json())
-    new = tmp_path / "new.db"
+    new = db
     with pytest.raises(RecipeMismatch) as caught:
         _import(new, folder)
     message = str(caught.value)
@@ -250,10 +283,9 @@ def test_a_file_of_another_recipe_is_refused_naming_it(exported, tmp_path):
         assert store.recipe() is None and store.count() == 0, "a refused import writes nothing"
 
 
-def test_a_database_of_another_recipe_refuses_the_file(indexed, exported, tmp_path):
+def test_a_database_of_another_recipe_refuses_the_file(indexed, exported, db):
     with _open(indexed[1]) as store:
         recipe = store.recipe()
-    db = tmp_path / "other.db"
     with _open(db) as store, store.session() as s:
         store.set_setting(s, "recipe", dataclasses.replace(recipe, image_size=160).to_json())
         s.commit()
@@ -264,27 +296,26 @@ def test_a_database_of_another_recipe_refuses_the_file(indexed, exported, tmp_pa
         assert store.count() == 0, "nothing was imported"
 
 
-def test_nothing_to_import_is_an_error(tmp_path):
+def test_nothing_to_import_is_an_error(db, tmp_path):
     (tmp_path / "empty").mkdir()
     for source in (tmp_path / "empty", tmp_path / "missing.parquet"):
         with pytest.raises(ExchangeError) as caught:
-            _import(tmp_path / "new.db", source)
+            _import(db, source)
         assert str(source) in str(caught.value), caught.value
 
 
-def test_the_commands_export_and_import_with_one_line_per_failure(indexed, tmp_path):
+def test_the_commands_export_and_import_with_one_line_per_failure(source, db, tmp_path):
     from click.testing import CliRunner
 
     from cli import main
     from search import Searcher
 
-    root, db = indexed
+    root, db, new = *source, db
     runner = CliRunner()
     result = runner.invoke(main, ["export", "--db", str(db), str(tmp_path / "parts")])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "5 images exported to 1 file"
     (tmp_path / "parts" / "notes.parquet").write_text("not parquet")
-    new = tmp_path / "copy.db"
     result = runner.invoke(main, ["import", str(tmp_path / "parts"), "--db", str(new)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()

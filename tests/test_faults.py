@@ -8,6 +8,10 @@ committed state must be intact; after a clean rerun every good image on disk mus
 database and in the FAISS file exactly once, with the descriptor of a fresh computation,
 and every bad file recorded as failed. See tests/fault_harness.py.
 
+The trials of ``lookalike index`` run on a SQLite file and on a PostgreSQL database
+($LOOKALIKE_TEST_POSTGRES; skipped without it), but for those about SQLite's own files or
+about what is not the database (SQLITE_ONLY); the other commands' tests run on SQLite.
+
 Run with -v to see the table of trials.
 """
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fault_harness import EVENTS, TABLE_HEAD, Harness, Outcome, kill, limit, timed
+
+from conftest import index_agrees_with_db
 
 SEED = 3
 EFBIG = "File too large"
@@ -69,6 +75,22 @@ TRIALS = [
 ]
 
 
+# Trials whose point is SQLite's own files, or not the database at all: run on SQLite only.
+SQLITE_ONLY = {
+    "at database close (WAL checkpoint)": "a server has no WAL file to checkpoint",
+    "EFBIG in the WAL mid-run": "a server's writes are the server's, not this process's",
+    "new db: EFBIG from the start": "a server's writes are the server's, not this process's",
+    "ONNX export: graph half written": "about the ONNX cache, not the database (and the FAISS file "
+                                       "of a server database lives in that cache)",
+    "ONNX export: graph written, before its rename": "about the ONNX cache, not the database",
+    # RLIMIT_NOFILE at 0 keeps the files already open usable, but not a connection to a
+    # server: poll() refuses any descriptor past the limit (EINVAL), so psycopg cannot wait
+    # on its socket; hashing begins with a query, which fails so, not with EMFILE.
+    "EMFILE while hashing": "at RLIMIT_NOFILE 0 psycopg cannot poll its socket",
+}
+SERVER_TRIALS = [t for t in TRIALS if t[0] not in SQLITE_ONLY]
+
+
 def _points(faults) -> list[str]:
     return [f"{f['spec']['kill']['at']}#{f['spec']['kill']['n']}" + (
         "/midway" if f["spec"]["kill"]["how"] == "midway" else "")
@@ -83,28 +105,50 @@ def test_the_trials_cover_enough_moments():
         "ddl", "onnx-exported", "local"}
     assert sum(t[1] == "I/O" for t in TRIALS) >= 2
     assert all(e in EVENTS for e in {p.split("#")[0] for p, _ in points})
+    assert set(SQLITE_ONLY) <= {t[0] for t in TRIALS}
+    # On a server too: kills before and after its commits, in a new database and an old one.
+    server = {(p, bool(t[3].get("fresh_db"))) for t in SERVER_TRIALS for p in _points(t[2])}
+    assert {p.split("#")[0] for p, _ in server} >= {"commit", "committed", "ddl", "local", "batch",
+                                                   "faiss-write", "replace:faiss"}
+    assert {fresh for p, fresh in server if p.startswith("committed")} == {False, True}
 
 
-OUTCOMES: list[Outcome] = []
+OUTCOMES: dict[str, list[Outcome]] = {}  # by backend, for the table -v prints
+
+
+def _harness(tmp_path_factory, request, backend: str, server: str | None = None):
+    """A Harness on ``backend`` with its baseline run; its table printed at the end with -v."""
+    h = Harness(tmp_path_factory.mktemp(f"faults-{backend}"), seed=SEED, server=server)
+    outcomes = OUTCOMES.setdefault(backend, [])
+    try:
+        base = h.baseline()
+        assert base.survived, base.row()
+        outcomes.append(base)
+        yield h
+    finally:
+        h.close()
+    if request.config.option.verbose > 0:
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            print(f"\n{backend}:\n" + TABLE_HEAD)
+            for out in outcomes:
+                print(out.row())
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory, request):
-    h = Harness(tmp_path_factory.mktemp("faults"), seed=SEED)
-    base = h.baseline()
-    assert base.survived, base.row()
-    OUTCOMES.append(base)
-    yield h
-    if request.config.option.verbose > 0:
-        capture = request.config.pluginmanager.get_plugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            print("\n" + TABLE_HEAD)
-            for out in OUTCOMES:
-                print(out.row())
+    """The trials' Harness on a SQLite file."""
+    yield from _harness(tmp_path_factory, request, "sqlite")
 
 
-def _check(out: Outcome, faults, message: str | None) -> None:
-    OUTCOMES.append(out)
+@pytest.fixture(scope="module")
+def pg_harness(tmp_path_factory, request, pg_server):
+    """The trials' Harness on new databases of the PostgreSQL server (dropped at the end)."""
+    yield from _harness(tmp_path_factory, request, "postgresql", pg_server)
+
+
+def _check(out: Outcome, faults, message: str | None, backend: str = "sqlite") -> None:
+    OUTCOMES.setdefault(backend, []).append(out)
     assert out.survived, out.row()
     if any(f.get("expect_kill") for f in faults):
         assert out.killed, out.row()
@@ -113,13 +157,46 @@ def _check(out: Outcome, faults, message: str | None) -> None:
         assert out.lost == 0
 
 
-@pytest.mark.parametrize("trial", TRIALS, ids=[t[0] for t in TRIALS])
-def test_fault(harness, trial, tmp_path):
+def _trial(h: Harness, trial, tmp_path, backend: str) -> None:
     name, fault, faults, options, *message = trial
     if options.get("cache") == "empty":  # the child exports the model into it
         options = dict(options, cache=tmp_path / "cache")
-    out = harness.trial(name, fault, faults, **options)
-    _check(out, faults, message[0] if message else None)
+    out = h.trial(name, fault, faults, **options)
+    _check(out, faults, message[0] if message else None, backend)
+
+
+@pytest.mark.parametrize("trial", TRIALS, ids=[t[0] for t in TRIALS])
+def test_fault(harness, trial, tmp_path):
+    _trial(harness, trial, tmp_path, "sqlite")
+
+
+@pytest.mark.parametrize("trial", SERVER_TRIALS, ids=[t[0] for t in SERVER_TRIALS])
+def test_fault_on_postgresql(pg_harness, trial, tmp_path):
+    """The same trials on a server: its commits are psycopg's, its FAISS file in the cache."""
+    _trial(pg_harness, trial, tmp_path, "postgresql")
+
+
+def test_a_first_run_on_a_server_killed_at_each_of_its_commits(pg_server, tmp_path):
+    """Into a new PostgreSQL database (migration, database id, recipe, the scan's changes,
+    each batch), ``lookalike index`` is killed before and after each of its commits: the
+    committed state is intact, and the run after it finishes with every image exactly once,
+    in the database and in a FAISS file that agrees with it."""
+    h = Harness(tmp_path, seed=SEED + 14, images=8, server=pg_server)
+    try:
+        probe = h.run()
+        assert probe.rc == 0, probe.stderr
+        commits = probe.events["commit"]
+        assert commits >= 5 and probe.events["committed"] == commits, probe.events
+        h.refs.encoder()
+        same = {"add": 0, "modify": 0, "delete": 0, "rename": 0}  # the folder as it is
+        for event in ("commit", "committed"):
+            for n in range(1, commits + 1):
+                out = h.trial(f"{event}#{n}", "kill", [kill(event, n)], mutate=same, fresh_db=True)
+                _check(out, [kill(event, n)], None, "postgresql")
+                assert out.in_db == out.expected == out.in_faiss, out.row()
+                assert len(index_agrees_with_db(h.db)) == out.expected
+    finally:
+        h.close()
 
 
 def test_emfile_while_decoding(tmp_path):

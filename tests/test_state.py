@@ -169,7 +169,6 @@ def test_a_held_searcher_sees_a_finished_run_without_being_asked(photos, db):
 
 def test_a_damaged_or_unwritable_model_cache_does_not_stop_a_run(photos, tmp_path, monkeypatch, caplog, db):
     from indexer.encoder import Encoder, cache_dir
-    from indexer.store import Store
 
     index(db, photos)
     recipe = Store(db).recipe()
