@@ -82,18 +82,21 @@ def fresh_postgres(admin: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="descriptors per run")
-    ap.add_argument("--batch", type=int, default=32, help="descriptors per commit (index --batch-size)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[32, 256],
+                    help="descriptors per commit (index --batch-size)")
     ap.add_argument("--postgres", help="an admin URL of a server where a database may be created")
     args = ap.parse_args()
     os.environ.setdefault("LOOKALIKE_CACHE", tempfile.mkdtemp(prefix="writer-bench-cache-"))
     print("| database | local features | batch | descriptors/s |\n|---|---|---|---|")
-    for local in (False, True):
-        targets = [("SQLite", Path(tempfile.mkdtemp(prefix="writer-bench-")) / "w.db")]
-        if args.postgres:
-            targets.append(("PostgreSQL", fresh_postgres(args.postgres)))
-        for name, db in targets:
-            rate = run(db, args.n, args.batch, local)
-            print(f"| {name} | {f'{LOCAL_BYTES // 1000} KB' if local else 'none'} | {args.batch} | {rate:,.0f} |", flush=True)
+    for batch in args.batch:
+        for local in (False, True):
+            targets = [("SQLite", Path(tempfile.mkdtemp(prefix="writer-bench-")) / "w.db")]
+            if args.postgres:
+                targets.append(("PostgreSQL", fresh_postgres(args.postgres)))
+            for name, db in targets:
+                rate = run(db, args.n, batch, local)
+                size = f"{LOCAL_BYTES // 1000} KB" if local else "none"
+                print(f"| {name} | {size} | {batch} | {rate:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":
