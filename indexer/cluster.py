@@ -311,8 +311,12 @@ def _quiet_ray_data() -> None:
     progress and errors; the session's ray-data.log keeps everything."""
     level = (logging.INFO if log.isEnabledFor(logging.DEBUG)
              else logging.WARNING if log.isEnabledFor(logging.INFO) else logging.CRITICAL)
+    # Only Ray's own console handlers: the application's (and a test runner's) may be on
+    # that logger too, and are not Ray's to quiet.
+    theirs = set(logging.getLogger().handlers)
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+        if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                and handler not in theirs):
             handler.setLevel(level)
     from ray.util.debug import log_once
 
