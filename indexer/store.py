@@ -569,8 +569,17 @@ class Store:
                 return self.generation(s)
         return int(self.get_setting(session, "generation") or 0)
 
-    def bump_generation(self, session: Session) -> None:
-        self.set_setting(session, "generation", str(self.generation(session) + 1))
+    def bump_generation(self, session: Session) -> int:
+        """Move the generation on in ``session``'s transaction; the new value (the one a
+        commit makes: on a server, writers' transactions hold the commits lock)."""
+        # One lookup: the session keeps no unreferenced row, so a second get reads again.
+        row = session.get(Setting, "generation")
+        value = (int(row.value) if row else 0) + 1
+        if row:
+            row.value = str(value)
+        else:
+            session.add(Setting(key="generation", value=str(value)))
+        return value
 
     # -- reading ----------------------------------------------------------
     def embeddings(self, batch: int = 65536):

@@ -450,13 +450,14 @@ class Indexer(Tuning):
         """Commit ``s``, moving the generation if ``bump``; the generation now. Notes when
         another writer (of a server's database) has committed since this run's last commit:
         this run's vector index then misses their changes, and is rebuilt before it is saved."""
-        if store.generation(s) != self._seen:
+        # The generation the commit makes is known before it: read after it, in a new
+        # transaction, it would cost a lookup and (on a server) the commits lock again.
+        now = store.bump_generation(s) if bump else store.generation(s)
+        if (now - 1 if bump else now) != self._seen:
             self._behind = True
-        if bump:
-            store.bump_generation(s)
         s.commit()
-        self._seen = store.generation(s)
-        return self._seen
+        self._seen = now
+        return now
 
     def _hash(self, files: list[FileStat]) -> tuple[dict[str, str], dict[str, str]]:
         """Content hashes of ``files`` (threads: hashlib releases the GIL), and reasons for the unreadable."""
