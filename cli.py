@@ -8,8 +8,10 @@ import sys
 
 import click
 
-DB_HELP = ("Database: a file, or postgresql://USER@HOST/NAME "
-           "[default: $LOOKALIKE_DB or the user data dir's lookalike/lookalike.db].")
+db_option = click.option(
+    "--db", type=click.Path(dir_okay=False), metavar="FILE|URL",
+    help="Database: a file, or postgresql://USER@HOST/NAME "
+         "[default: $LOOKALIKE_DB or the user data dir's lookalike/lookalike.db].")
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -223,7 +225,7 @@ def query_options(f):
 
 @main.command()
 @click.argument("roots", nargs=-1, required=True, type=click.Path())
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 @recipe_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes [default: CPU count, max 8].")
@@ -304,7 +306,7 @@ def _query_paths(images: tuple[str, ...]):
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("-k", "--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Results per query.")
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query and line.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file, if not the default.")
@@ -430,7 +432,7 @@ def _training_progress(step: int, steps: int, loss: float) -> None:
               help="CSV with path,group [default: LABELLED/groundtruth.csv, or LABELLED if it is a CSV].")
 @click.option("--undo", is_flag=True, help="Undo the tuning of the database: the original weights "
               "(every image embedded again) and the default whitening.")
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 @click.option("--method", type=click.Choice(_tuning_methods()), default=_tuning_methods()[0], show_default=True,
               help="whiten: a projection learned from the labelled pairs, applied to every stored "
                    "vector and query (nothing embedded again); finetune: train the network and GeM's p "
@@ -477,7 +479,7 @@ def tune(labelled, groundtruth, undo, db, method, epochs, dim, shrinkage, model,
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 @click.option("--kind", type=click.Choice(["center", "pca", "auto", "none"]), default="center", show_default=True,
               help="center: subtract the collection's mean; pca: PCA whitening (needs 2 images per "
                    "dimension); auto: back to the default, centring once 50 images are indexed (undoes "
@@ -519,7 +521,7 @@ def _duplicates_defaults() -> tuple[float, float]:
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0),
               help="Similarity a near pair needs [default: %g with local features, which then "
                    "confirm each pair; %g without]." % _duplicates_defaults())
@@ -600,7 +602,7 @@ def _print_groups(groups, as_json: bool, as_csv: bool) -> None:
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 # No default here: the service module's own (loopback, 8000) apply, read when serve runs;
 # importing it to show them would cost every command half a second of FastAPI.
 @click.option("--host", help="Address to listen on (0.0.0.0: every interface; mind who can reach it) "
@@ -621,7 +623,7 @@ def serve(db, host, port, device, weights) -> None:
 
 @main.command("export")
 @click.argument("out", type=click.Path())
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 def export_(out, db) -> None:
     """Write the database's embeddings to Parquet: OUT.parquet, or a folder of parts."""
     from indexer.exchange import export_database
@@ -635,7 +637,7 @@ def export_(out, db) -> None:
 
 @main.command("import")
 @click.argument("source", type=click.Path())
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 def import_(source, db) -> None:
     """Add the embeddings of a Parquet file, or of a folder's *.parquet files, made by
     'lookalike export' (or another tool) with the database's recipe."""
@@ -653,7 +655,7 @@ def import_(source, db) -> None:
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 @click.option("--json", "as_json", is_flag=True, help="Print as one JSON object.")
 def info(db, as_json) -> None:
     """Show the recipe, counts, failed files and sizes on disk of a database."""
@@ -687,7 +689,7 @@ def info(db, as_json) -> None:
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), metavar="FILE|URL", help=DB_HELP)
+@db_option
 @click.option("--repair", is_flag=True, help="Mend what can be mended: rebuild the FAISS file, drop "
               "rows of vanished files, embed again what is stale or damaged.")
 @click.option("--sample", type=click.IntRange(min=0), default=32, show_default=True,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
+from .errors import first_line
 from .pipeline import Result
 from .scan import display_path
 
@@ -60,11 +61,6 @@ class ClusterError(Exception):
     """The Ray cluster cannot do the run (unreachable, cannot read a root, failed); str() is one line."""
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
-
-
 def _ray():
     """The ray module, with Ray Data; ClusterError when it is not installed."""
     try:
@@ -84,7 +80,7 @@ def _unreachable(address: str) -> str | None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        return exc.strerror or _first_line(exc)
+        return exc.strerror or first_line(exc)
     return None
 
 
@@ -106,7 +102,7 @@ def start(address: str) -> None:
                      log_to_driver=False,
                      logging_level=logging.WARNING if log.isEnabledFor(logging.INFO) else logging.ERROR)
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the cluster's
-        reason = _first_line(exc)
+        reason = first_line(exc)
     if reason is not None:
         what = f"connect to the Ray cluster at {where}" if where else "start a local Ray instance"
         raise ClusterError(f"cannot {what}: {reason}")
@@ -128,7 +124,7 @@ def _probe(roots: Sequence[str]) -> tuple[str, str, str] | None:
                 with open(root, "rb"):
                     pass
         except OSError as exc:
-            return root, ray.util.get_node_ip_address(), exc.strerror or _first_line(exc)
+            return root, ray.util.get_node_ip_address(), exc.strerror or first_line(exc)
     return None
 
 
@@ -150,7 +146,7 @@ def check_roots(roots: list[str]) -> None:
         raise ClusterError(f"a Ray node did not answer within {PROBE_TIMEOUT_S:g} s whether it "
                            "can read the folders to index") from None
     except ray.exceptions.RayError as exc:
-        raise ClusterError(f"cannot check the folders on the Ray workers: {_first_line(exc)}") from None
+        raise ClusterError(f"cannot check the folders on the Ray workers: {first_line(exc)}") from None
     failed = [a for a in answers if a is not None]
     if failed:
         root, node, reason = failed[0]
@@ -402,9 +398,9 @@ def _failure(ray, exc: BaseException) -> BaseException:
         return cause
     if isinstance(exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
         return ClusterError(f"a Ray worker kept dying on the same batch of files (out of memory, "
-                            f"or a crash while decoding): {_first_line(exc)}; the images committed "
+                            f"or a crash while decoding): {first_line(exc)}; the images committed "
                             "so far are kept")
-    return ClusterError(f"the Ray run failed: {_first_line(exc)}; the images committed so far "
+    return ClusterError(f"the Ray run failed: {first_line(exc)}; the images committed so far "
                         "are kept, run again to finish")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import BackboneError, layer_names, resolve_weights
+from .errors import first_line
 from .pooling import l2n, pool
 from .recipe import Recipe
 
@@ -77,7 +78,7 @@ class Encoder:
                 raise
             except Exception as exc:  # noqa: BLE001 - fall back to torch, which always works
                 log.warning("ONNX Runtime unavailable (%s); using PyTorch on the CPU",
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                            first_line(exc))
         if self._session is None:
             import torch
 
@@ -156,7 +157,7 @@ def _onnx_session(recipe: Recipe, weights_file: Path, threads: int | None = None
             return _load_onnx(path, threads)
         except Exception as exc:  # noqa: BLE001 - a damaged cache file is only a cache
             log.warning("the cached model %s is unusable (%s); exporting it again", path,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        first_line(exc))
     try:
         _export(recipe, weights_file, path)
     except OSError as exc:

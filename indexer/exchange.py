@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from .atomic import write_atomically
+from .errors import first_line
 from .recipe import Recipe, RecipeMismatch
 from .store import (OK, ImageRow, Store, StoreError, now, pack_vector, unpack_vectors,
                     writer_lock)
@@ -300,8 +301,7 @@ def _load(store: Store, sources: list[_Source], recipe: Recipe | None, batch: in
 
             vectors.update(store)  # the vector index, rebuilt (or retrained) for the new rows
     except OperationalError as exc:  # a failed write (disk full, I/O error)
-        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
-        raise StoreError(f"{store.name}: {reason}; the rows committed so far are kept, "
+        raise StoreError(f"{store.name}: {first_line(exc)}; the rows committed so far are kept, "
                          "import again to finish") from None
     return counts
 
@@ -346,7 +346,7 @@ def _source(path: Path) -> _Source:
         with pq.ParquetFile(path) as pf:
             meta, schema, rows = pf.metadata.metadata or {}, pf.schema_arrow, pf.metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
-        raise _Refused(f"not a readable Parquet file ({_first_line(exc)})") from None
+        raise _Refused(f"not a readable Parquet file ({first_line(exc)})") from None
     recipe = _recipe_of(meta)
     _check_columns(schema)
     kind = schema.field("embedding").type
@@ -366,7 +366,7 @@ def _recipe_of(meta: dict) -> Recipe:
     try:
         return Recipe.from_json(meta[RECIPE_KEY].decode())
     except (ValueError, TypeError, KeyError) as exc:
-        raise _Refused(f"its lookalike.recipe is not a recipe ({_first_line(exc)})") from None
+        raise _Refused(f"its lookalike.recipe is not a recipe ({first_line(exc)})") from None
 
 
 def _check_columns(schema) -> None:
@@ -434,7 +434,7 @@ def _usable_whitening(text: str, dim: int, path: Path) -> bool:
     try:
         ok = Whitening.from_json(text).mean.shape == (dim,)
     except Exception as exc:  # noqa: BLE001 - any damage: learn it again rather than fail
-        log.warning("%s: its whitening cannot be read (%s); not taken", path, _first_line(exc))
+        log.warning("%s: its whitening cannot be read (%s); not taken", path, first_line(exc))
         return False
     if not ok:
         log.warning("%s: its whitening is not of %d dims; not taken", path, dim)
@@ -454,7 +454,7 @@ def _read(src: _Source, dim: int, batch: int, failed: list) -> Iterator[tuple[li
                 yield _rows(src, rb, dim, first, failed), rb.num_rows
                 first += rb.num_rows
     except (pa.ArrowException, OSError, ValueError) as exc:
-        _refuse(src.path, f"cannot read past row {first} ({_first_line(exc)}); "
+        _refuse(src.path, f"cannot read past row {first} ({first_line(exc)}); "
                 "the rows before are imported", failed)
 
 
@@ -554,8 +554,3 @@ def _existing(s, paths: list[str]) -> dict[str, ImageRow]:
         for db_row in s.execute(select(ImageRow).where(ImageRow.path.in_(paths[start:start + 900]))).scalars():
             existing[db_row.path] = db_row
     return existing
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

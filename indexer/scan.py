@@ -200,9 +200,15 @@ def parse_shard(text: str) -> tuple[int, int]:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
         raise ValueError(f"{text!r} is not a shard I/N, e.g. 0/4") from None
+    return check_shard((i, n))
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """``shard`` (I, N) itself when 0 <= I < N; ValueError otherwise."""
+    i, n = shard
     if not 0 <= i < n:
-        raise ValueError(f"shard {text}: I must be 0 to N-1")
-    return i, n
+        raise ValueError(f"shard {i}/{n}: I must be 0 to N-1")
+    return shard
 
 
 def in_shard(path: str, shard: tuple[int, int] | None) -> bool:

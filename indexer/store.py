@@ -17,8 +17,10 @@ from typing import Iterator, Union
 import numpy as np
 from sqlalchemy import (URL, BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text,
                         create_engine, event, make_url, select, func, text)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .errors import first_line
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -293,12 +295,8 @@ def _server_lock(url: URL, shared: bool) -> Iterator[bool]:
                 conn.invalidate()
                 raise
             conn.execute(text(f"SELECT pg_advisory_unlock{suffix}({WRITERS_KEY})"))
-    except StoreError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - connection failures of any driver
-        if not isinstance(exc, _db_errors()):
-            raise
-        raise StoreError(f"{describe(url)}: {_first_line(exc)}") from None
+    except DBAPIError as exc:  # connection failures, of any driver
+        raise StoreError(f"{describe(url)}: {first_line(exc)}") from None
     finally:
         engine.dispose()
 
@@ -340,18 +338,6 @@ def _server_engine(url: URL):
     except ImportError:
         raise StoreError(f"{describe(url)}: PostgreSQL needs its driver: "
                          "pip install 'lookalike[postgres]'") from None
-
-
-def _db_errors() -> tuple[type[Exception], ...]:
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    return (DBAPIError, OperationalError)
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
-    return lines[0] if lines else type(orig).__name__
 
 
 def _alembic_config(connection):
@@ -431,10 +417,9 @@ class Store:
             raise
         except Exception as exc:  # noqa: BLE001 - sqlite3.DatabaseError, a server's errors
             self.engine.dispose()
-            if self.is_server and isinstance(exc, _db_errors()):
-                raise StoreError(f"{self.name}: {_first_line(exc)}") from None
-            msg = str(getattr(exc, "orig", exc)).splitlines()[0]
-            raise StoreError(f"{self.name}: not a usable lookalike database ({msg})") from None
+            if self.is_server and isinstance(exc, DBAPIError):
+                raise StoreError(f"{self.name}: {first_line(exc)}") from None
+            raise StoreError(f"{self.name}: not a usable lookalike database ({first_line(exc)})") from None
 
     def _open_file(self, create: bool) -> None:
         try:
@@ -572,13 +557,11 @@ class Store:
     def bump_generation(self, session: Session) -> int:
         """Move the generation on in ``session``'s transaction; the new value (the one a
         commit makes: on a server, writers' transactions hold the commits lock)."""
-        # One lookup: the session keeps no unreferenced row, so a second get reads again.
+        # ``row`` stays referenced, so set_setting's get finds it in the session without a
+        # second query (the session keeps no unreferenced row).
         row = session.get(Setting, "generation")
         value = (int(row.value) if row else 0) + 1
-        if row:
-            row.value = str(value)
-        else:
-            session.add(Setting(key="generation", value=str(value)))
+        self.set_setting(session, "generation", str(value))
         return value
 
     # -- reading ----------------------------------------------------------

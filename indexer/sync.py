@@ -15,8 +15,9 @@ from sqlalchemy.exc import OperationalError
 
 from . import vectors
 from .decode import DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
+from .errors import first_line
 from .recipe import Recipe
-from .scan import FileStat, display_path, file_sha256, in_shard, resolve_root, scan
+from .scan import FileStat, check_shard, display_path, file_sha256, in_shard, resolve_root, scan
 from .store import (
     FAILED,
     OK,
@@ -147,9 +148,7 @@ class Indexer(Tuning):
         self.max_pixels = max_pixels
         self.retry_failed = retry_failed
         self.ray = ray
-        if shard is not None and not 0 <= shard[0] < shard[1]:
-            raise ValueError(f"shard {shard[0]}/{shard[1]}: I must be 0 to N-1")
-        self.shard = shard
+        self.shard = None if shard is None else check_shard(shard)
 
     # -- recipe -----------------------------------------------------------
     def _recipe(self, store: Store) -> Recipe:
@@ -208,7 +207,7 @@ class Indexer(Tuning):
                 self._auto_whiten(store)
             except (OperationalError, OSError) as exc:
                 if isinstance(exc, OperationalError):  # a failed write (disk full, I/O error)
-                    reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+                    reason = first_line(exc)
                 elif exc.errno in PROCESS_ERRNOS:  # too many open files: say where it stopped
                     at = f" at {display_path(exc.filename)}" if isinstance(exc.filename, str) else ""
                     reason = f"the run stopped{at}: {exc.strerror}"

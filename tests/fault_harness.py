@@ -86,7 +86,10 @@ EVENTS = {
 
 def is_server_url(db) -> bool:
     """Whether ``db`` (a --db value) names a PostgreSQL server rather than a file."""
-    return isinstance(db, str) and db.split("://", 1)[0].split("+", 1)[0].lower() in ("postgresql", "postgres")
+    from indexer.store import resolve_db  # late: the child patches lookalike before it loads
+    from sqlalchemy.engine import URL
+
+    return db is not None and isinstance(resolve_db(db), URL)
 
 
 SUMMARY_RE = re.compile(
