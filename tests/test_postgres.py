@@ -63,6 +63,18 @@ def test_two_writers_at_once_end_with_every_image_once(tmp_path, pg_db, monkeypa
         index_agrees_with_db(pg_db)
 
 
+def test_two_writers_over_the_same_folder_add_each_image_once(tmp_path, pg_db, monkeypatch):
+    a = _folder(tmp_path / "a", 12, 500)
+    procs = [_index_process(a, pg_db, tmp_path / f"cache-{n}", "--batch-size", "2") for n in (1, 2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    assert sql(pg_db, "select count(*), count(distinct path) from images where status = 'ok'") == [(12, 12)]
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache-1"))
+    with Searcher(pg_db) as s:
+        assert len(s) == 12
+    index_agrees_with_db(pg_db)
+
+
 def test_a_writer_killed_beside_another_loses_only_its_batch_in_flight(tmp_path, pg_db, monkeypatch):
     a, b = _folder(tmp_path / "a", 24, 300), _folder(tmp_path / "b", 6, 400)
     killed = _index_process(a, pg_db, tmp_path / "cache-a", "--batch-size", "1", size=448)
