@@ -153,7 +153,11 @@ def test_an_uploaded_edited_copy_finds_its_original_with_its_box_then_a_result_s
     expect(first.get_by_test_id("inliers")).to_have_text(re.compile(r"^\d+ inliers$"))
     expect(first.get_by_test_id("box")).to_be_visible()
     expect(first.locator("img")).to_have_attribute("src", re.compile(r"/thumbnail"))
-    assert first.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+    # The thumbnail may still be on its way: wait for it to load (or fail to).
+    assert first.locator("img").evaluate(
+        "img => img.complete ? img.naturalWidth > 0 : new Promise(done => {"
+        " img.addEventListener('load', () => done(img.naturalWidth > 0));"
+        " img.addEventListener('error', () => done(false)); })")
     assert_box_drawn_over_the_crop(first, crop=(20, 30, 340, 450))
     expect(page.get_by_test_id("error")).to_be_hidden()
 
