@@ -26,7 +26,7 @@ import numpy as np
 
 from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, PROCESS_ERRNOS
 from .errors import first_line
-from .pipeline import Result
+from .pipeline import Result, local_spec
 from .scan import display_path
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,9 @@ class _ProcessError(Exception):
     info: tuple[int, str, str | None] = (0, "", None)
 
     @classmethod
-    def of(cls, exc: OSError) -> "_ProcessError":
-        new = cls(exc.strerror)
-        new.info = (exc.errno, exc.strerror, exc.filename)
+    def of(cls, errno: int, strerror: str, filename: str | None) -> "_ProcessError":
+        new = cls(strerror)
+        new.info = (errno, strerror, filename)
         return new
 
 
@@ -185,7 +185,7 @@ def _decode(batch: dict[str, np.ndarray], longest: int, max_pixels: int,
     for path in batch["path"]:
         px, w, h, err, blob = decode_one(str(path), longest, max_pixels, timeout, local)
         if isinstance(err, ProcessErrno):  # the process's, not a file's: it stops the run
-            raise _ProcessError.of(OSError(err.errno, err.strerror, err.path))
+            raise _ProcessError.of(err.errno, err.strerror, err.path)
         rows.append((px, w, h, err, blob))
     shapes = [(0, 0, 3) if px is None else px.shape for px, *_ in rows]
     return {
@@ -256,7 +256,7 @@ class _Embedder:
                        for r in rs]
         except OSError as exc:
             if exc.errno in PROCESS_ERRNOS:  # the process's, not a file's: it stops the run
-                raise _ProcessError.of(exc) from None
+                raise _ProcessError.of(exc.errno, exc.strerror, exc.filename) from None
             raise
         ready = (self.load_s, self.ready_at)
         self.load_s, self.ready_at = 0.0, 0.0  # reported once per actor
@@ -363,7 +363,6 @@ def _dataset(ray, paths: Sequence[str], recipe, weights, batch_size: int, max_pi
     log.info("embedding %d files on Ray: %d actors (%s), %d decode tasks at once, %d blocks",
              len(paths), plan.actors, "1 GPU each" if plan.gpus else f"{plan.actor_cpus} CPU each",
              plan.decoders, plan.blocks)
-    local = (recipe.local_size, recipe.local_keypoints) if recipe.has_local else None
     items = [{"index": i, "path": p} for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=plan.blocks)
     with warnings.catch_warnings():
@@ -374,7 +373,7 @@ def _dataset(ray, paths: Sequence[str], recipe, weights, batch_size: int, max_pi
         ds = ds.map_batches(_decode, batch_size=None, batch_format="numpy", num_cpus=1,
                             compute=TaskPoolStrategy(size=plan.decoders), max_retries=TASK_RETRIES,
                             fn_kwargs=dict(longest=recipe.image_size, max_pixels=max_pixels,
-                                           timeout=decode_timeout, local=local))
+                                           timeout=decode_timeout, local=local_spec(recipe)))
         # A dead actor is restarted (max_restarts -1, Ray Data's default) and its batch retried.
         return ds.map_batches(
             _Embedder, batch_size=plan.embed_batch, batch_format="numpy",

@@ -52,6 +52,12 @@ class _Files:
         return (i, *decode_one(self.paths[i], self.longest, self.max_pixels, self.timeout, self.local))
 
 
+def local_spec(recipe) -> tuple[int, int] | None:
+    """What decode_one needs to find ``recipe``'s local features (working size, keypoints),
+    or None when it has none."""
+    return (recipe.local_size, recipe.local_keypoints) if recipe.has_local else None
+
+
 def decode_one(path: str, longest: int, max_pixels: int, timeout: float | None,
                local: tuple[int, int] | None) -> tuple:
     """(pixels, width, height, error, local features) for one file, as a decoding worker
@@ -140,8 +146,7 @@ def embed_files(paths: Sequence[str], encoder, *, recipe=None, batch_size: int =
 
     _keep_freed_memory()
     recipe = recipe or encoder.recipe
-    local = (recipe.local_size, recipe.local_keypoints) if recipe.has_local else None
-    dataset = _Files(paths, recipe.image_size, max_pixels, decode_timeout, local)
+    dataset = _Files(paths, recipe.image_size, max_pixels, decode_timeout, local_spec(recipe))
     # Room for about 64 decoded images in flight (some 30 MB at the defaults), so that
     # the processes keep decoding while this one exports the model or writes a batch.
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
