@@ -92,6 +92,31 @@ def is_server_url(db) -> bool:
     return db is not None and isinstance(resolve_db(db), URL)
 
 
+IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "status", "error", "embedding",
+                 "width", "height")
+
+
+def _read_tables(query, tables: set[str], problems: list[str]):
+    """read_db's answer from a database with ``tables``, ``query`` running one SQL statement
+    (sqlite3's or SQLAlchemy's: blobs come as bytes, or as memoryviews from psycopg)."""
+    if "images" not in tables or "settings" not in tables:
+        return {}, 0, None, problems
+    rows = {}
+    for r in query(f"select {', '.join(IMAGE_COLUMNS)} from images"):
+        row = dict(zip(IMAGE_COLUMNS, r), local=None)
+        if row["embedding"] is not None:
+            row["embedding"] = bytes(row["embedding"])
+        rows[row["id"]] = row
+    if "local_features" in tables:
+        for image_id, data in query("select image_id, data from local_features"):
+            if image_id in rows:
+                rows[image_id]["local"] = bytes(data)
+            else:
+                problems.append(f"local features of id {image_id}, which has no row")
+    settings = {key: value for key, value in query("select key, value from settings")}
+    return rows, int(settings.get("generation", 0)), settings.get("recipe"), problems
+
+
 SUMMARY_RE = re.compile(
     r"(\d+) added, (\d+) updated, (\d+) moved, (\d+) removed, (\d+) unchanged, (\d+) failed "
     r"\((\d+) embedded in ([\d.]+)s\)")
@@ -735,21 +760,7 @@ class Harness:
             if check != [("ok",)]:
                 problems.append(f"integrity_check: {check[:3]}")
             tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
-            if "images" not in tables or "settings" not in tables:
-                return {}, 0, None, problems
-            rows = {}
-            for r in con.execute("select id, path, size, mtime_ns, sha256, status, error, embedding, "
-                                 "width, height from images"):
-                rows[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "sha256", "status", "error",
-                                       "embedding", "width", "height"), r), local=None)
-            if "local_features" in tables:
-                for image_id, data in con.execute("select image_id, data from local_features"):
-                    if image_id in rows:
-                        rows[image_id]["local"] = data
-                    else:
-                        problems.append(f"local features of id {image_id}, which has no row")
-            settings = dict(con.execute("select key, value from settings").fetchall())
-            return rows, int(settings.get("generation", 0)), settings.get("recipe"), problems
+            return _read_tables(con.execute, tables, problems)
         except sqlite3.Error as exc:
             return {}, 0, None, problems + [f"database cannot be read: {exc}"]
         finally:
@@ -768,23 +779,7 @@ class Harness:
         try:
             with engine.connect().execution_options(isolation_level="REPEATABLE READ") as con:
                 tables = set(inspect(con).get_table_names())
-                if "images" not in tables or "settings" not in tables:
-                    return {}, 0, None, problems
-                rows = {}
-                for r in con.execute(text("select id, path, size, mtime_ns, sha256, status, error, "
-                                          "embedding, width, height from images")):
-                    rows[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "sha256", "status", "error",
-                                           "embedding", "width", "height"), r), local=None)
-                    if rows[r[0]]["embedding"] is not None:
-                        rows[r[0]]["embedding"] = bytes(rows[r[0]]["embedding"])
-                if "local_features" in tables:
-                    for image_id, data in con.execute(text("select image_id, data from local_features")):
-                        if image_id in rows:
-                            rows[image_id]["local"] = bytes(data)
-                        else:
-                            problems.append(f"local features of id {image_id}, which has no row")
-                settings = dict(con.execute(text("select key, value from settings")).all())
-                return rows, int(settings.get("generation", 0)), settings.get("recipe"), problems
+                return _read_tables(lambda query: con.execute(text(query)), tables, problems)
         except DBAPIError as exc:
             return {}, 0, None, problems + [f"database cannot be read: {exc}".splitlines()[0]]
         finally:
