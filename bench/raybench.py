@@ -33,7 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import busy_warning, lookalike_command, parse_summary, run_timed  # noqa: E402 - bench/bench.py
+from bench import (busy_warning, db_vectors, lookalike_command, parse_summary, run_timed,  # noqa: E402
+                   say)  # bench/bench.py
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Lines of indexer.cluster's log (lookalike -v), as "lookalike: MESSAGE".
@@ -45,10 +46,6 @@ DONE_RE = re.compile(r"embedded \d+ files on Ray in ([\d.]+) s"
 ACTORS_RE = re.compile(r"on Ray: (\d+) actors(?: \([^)]*\), (\d+) decode tasks at once)?")
 STAGES_RE = re.compile(r"Ray stages: decode tasks [\d.]+ s \(([\d.]+) ms a file\), "
                        r"embedding actors [\d.]+ s \(([\d.]+) ms a file\)")
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def photo_set(images: Path | None, count: int, folder: Path) -> list[Path]:
@@ -87,19 +84,11 @@ def ray_stages(log: str) -> dict:
             "embed_s": first(DONE_RE), "steady_files_per_s": first(DONE_RE, 2)}
 
 
-def same_descriptors(db_a: Path, db_b: Path, paths: list[Path]) -> tuple[int, float]:
+def same_descriptors(db_a: Path, db_b: Path) -> tuple[int, float]:
     """(images in both, largest difference of a descriptor component between them)."""
-    from indexer.store import Store
-
-    got = []
-    for db in (db_a, db_b):
-        store = Store(db, create=False)
-        try:
-            got.append(store.embeddings_at([str(p) for p in paths]))
-        finally:
-            store.close()
-    common = sorted(set(got[0]) & set(got[1]))
-    diff = max((float(np.abs(got[0][p] - got[1][p]).max()) for p in common), default=0.0)
+    a, b = db_vectors(db_a), db_vectors(db_b)
+    common = sorted(set(a) & set(b))
+    diff = max((float(np.abs(a[p] - b[p]).max()) for p in common), default=0.0)
     return len(common), diff
 
 
@@ -164,7 +153,7 @@ def main() -> None:
             if name == "ray":
                 row.update(ray_stages(log))
             rows.append(row)
-        both, diff = same_descriptors(tmp / "plain.db", tmp / "ray.db", paths)
+        both, diff = same_descriptors(tmp / "plain.db", tmp / "ray.db")
         say()
         say(table(rows))
         say()

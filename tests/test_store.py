@@ -15,15 +15,17 @@ from conftest import sql
 from indexer.store import Base, Store, StoreError, _alembic_config
 
 
-def _head() -> str:
+def _script() -> ScriptDirectory:
     with create_engine("sqlite://").connect() as conn:
-        return ScriptDirectory.from_config(_alembic_config(conn)).get_current_head()
+        return ScriptDirectory.from_config(_alembic_config(conn))
+
+
+def _head() -> str:
+    return _script().get_current_head()
 
 
 def test_exactly_one_head():
-    with create_engine("sqlite://").connect() as conn:
-        script = ScriptDirectory.from_config(_alembic_config(conn))
-    assert len(script.get_heads()) == 1
+    assert len(_script().get_heads()) == 1
 
 
 def test_a_new_database_is_created_at_head_and_matches_the_models(any_db):
